@@ -1,0 +1,18 @@
+"""scott: self-supervised Vision Transformers for small image datasets (SCOTT + MIM-JEPA)."""
+from .tokenizer import Tokenizer, gather_visible
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Lazy access to the heavier parts so `import scott` stays light.
+    if name == "build_encoder":
+        from .models import build_encoder
+        return build_encoder
+    if name in ("load_encoder", "extract_features"):
+        from .eval import features
+        return getattr(features, name)
+    raise AttributeError(f"module 'scott' has no attribute {name!r}")
+
+
+__all__ = ["Tokenizer", "gather_visible", "build_encoder", "load_encoder", "extract_features", "__version__"]

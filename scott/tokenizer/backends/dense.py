@@ -1,0 +1,32 @@
+"""Dense-masked reference backend: the definition of the tokenizer's meaning.
+
+``x = images * mask``; for every layer ``x = layer(x) * mask_at(visible, h_l, w_l)``. This is the
+paper's emulation (dense compute), the test oracle of every other backend and the fastest choice
+when (almost) every patch is visible.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..masks_util import mask_at
+
+
+def available() -> tuple[bool, str]:
+    return True, ""
+
+
+def run(layers, images: torch.Tensor, visible: torch.Tensor | None,
+        channels_last: bool | None = None) -> torch.Tensor:
+    """Return ``[B, D, gh, gw]``; ``channels_last`` defaults to True on CPU (its fastest layout)."""
+    if channels_last is None:
+        channels_last = images.device.type == "cpu"
+    x = images
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if visible is not None:
+        x = x * mask_at(visible, x.shape[2], x.shape[3]).to(x.dtype)
+    for layer in layers:
+        x = layer.dense(x)
+        if visible is not None and layer.kind != "act":
+            x = x * mask_at(visible, x.shape[2], x.shape[3]).to(x.dtype)
+    return x

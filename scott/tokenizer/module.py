@@ -1,0 +1,192 @@
+"""``scott.Tokenizer``: images + an explicit patch visibility mask -> ViT tokens."""
+from __future__ import annotations
+
+import importlib
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from .layers import build_stack, layer_sizes
+
+__all__ = ["Tokenizer", "BACKENDS", "available_backends"]
+
+BACKENDS = ("dense", "tiles", "spconv")
+
+# Above this visible fraction the dense backend is the fastest on CPU (measured in
+# benchmarks/tokenizer.py: at 100 % visible dense wins, at <= 60 % tiles wins).
+DENSE_ABOVE = 0.8
+
+
+def _backend_module(name: str):
+    return importlib.import_module(f"scott.tokenizer.backends.{name if name != 'spconv' else 'spconv_backend'}")
+
+
+def available_backends() -> dict[str, tuple[bool, str]]:
+    """``{name: (available, reason_if_not)}`` for every backend."""
+    out = {}
+    for name in BACKENDS:
+        try:
+            out[name] = _backend_module(name).available()
+        except ImportError as exc:  # a backend module that cannot import is unavailable
+            out[name] = (False, str(exc))
+    return out
+
+
+def _to_pair(v) -> tuple[int, int] | None:
+    if v is None:
+        return None
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(int(x) for x in v)
+    if len(v) != 2:
+        raise ValueError(f"expected an int or a pair, got {v}")
+    return v
+
+
+class Tokenizer(nn.Module):
+    """Convolutional tokenizer that computes tokens of the VISIBLE patches only.
+
+    Args:
+        embed_dim: token width D.
+        patch_size: total stride P of the stack; one token per P x P patch.
+        in_chans: image channels.
+        stack: ``"scott"`` (the paper's), ``"small"`` (28-64 px images, patch 4/8/16),
+            ``"patchify"`` (plain ViT linear patch embedding) or a list of layer descriptions
+            (see :func:`scott.tokenizer.layers.stack_from_description`).
+        backend: ``"auto"``, ``"dense"``, ``"tiles"`` or ``"spconv"``.
+        img_size: optional default image size (needed for ``num_patches`` / ``grid_size`` and by
+            timm); forward accepts any size divisible by ``patch_size``.
+        hidden_dim: width of the hidden conv of the named stacks.
+        **kwargs: timm ``embed_layer`` keywords (``bias``, ``dynamic_img_pad``, ``device``,
+            ``dtype``, ...) are accepted; ``output_fmt`` "NCHW" returns ``[B, D, gh, gw]``.
+
+    ``forward(images [B, C, H, W], visible [B, H/P, W/P] bool or None) -> [B, N, D]``: N patches in
+    row-major order; masked positions are exactly zero and a visible token depends only on
+    visible pixels.
+    """
+
+    def __init__(self, embed_dim: int = 384, patch_size: int = 16, in_chans: int = 3,
+                 stack: str | Sequence = "scott", backend: str = "auto", img_size=None,
+                 hidden_dim: int = 64, output_fmt: str = "NLC", **kwargs):
+        super().__init__()
+        device = kwargs.pop("device", None)
+        dtype = kwargs.pop("dtype", None)
+        if kwargs.pop("dynamic_img_pad", False):
+            raise ValueError("Tokenizer does not pad images; use an image size divisible by the patch size")
+        kwargs.pop("bias", None)  # timm passes bias for its linear patch embed; stacks define their own
+        kwargs.pop("strict_img_size", None)
+        kwargs.pop("flatten", None)
+        kwargs.pop("norm_layer", None)
+        if kwargs:
+            raise TypeError(f"Tokenizer got unexpected arguments {sorted(kwargs)}")
+        if isinstance(patch_size, (tuple, list)):
+            if len(set(patch_size)) != 1:
+                raise ValueError(f"patch_size must be square, got {patch_size}")
+            patch_size = patch_size[0]
+        if output_fmt not in ("NLC", "NCHW"):
+            raise ValueError(f"output_fmt must be 'NLC' or 'NCHW', got {output_fmt!r}")
+        self.embed_dim = int(embed_dim)
+        self.patch_size = int(patch_size)
+        self.in_chans = int(in_chans)
+        self.output_fmt = output_fmt
+        self.stack_name = stack if isinstance(stack, str) else "custom"
+        self.layers = build_stack(stack, self.in_chans, self.embed_dim, self.patch_size, hidden_dim)
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
+        self.backend = backend  # validated by the setter
+        self.last_backend: str | None = None
+        self.img_size = _to_pair(img_size)
+        if self.img_size is not None:
+            self._check_size(*self.img_size)
+
+    # ----------------------------------------------------------------------- timm conventions
+    @property
+    def grid_size(self) -> tuple[int, int] | None:
+        if self.img_size is None:
+            return None
+        return self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size
+
+    @property
+    def num_patches(self) -> int | None:
+        g = self.grid_size
+        return None if g is None else g[0] * g[1]
+
+    def feat_ratio(self, as_scalar: bool = True):
+        return self.patch_size if as_scalar else (self.patch_size, self.patch_size)
+
+    def dynamic_feat_size(self, img_size) -> tuple[int, int]:
+        return img_size[0] // self.patch_size, img_size[1] // self.patch_size
+
+    # ----------------------------------------------------------------------- backend choice
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        if name != "auto":
+            if name not in BACKENDS:
+                raise ValueError(f"unknown backend {name!r}; choose auto, {', '.join(BACKENDS)}")
+            ok, why = available_backends()[name]
+            if not ok:
+                raise RuntimeError(f"backend {name!r} is not available: {why}")
+        self._backend = name
+
+    def pick_backend(self, images: torch.Tensor, visible: torch.Tensor | None) -> str:
+        """The backend ``forward`` will use for these inputs (resolves ``auto``)."""
+        if self._backend != "auto":
+            return self._backend
+        if visible is None:
+            return "dense"
+        frac = float(visible.float().mean()) if visible.numel() else 0.0
+        if frac > DENSE_ABOVE:
+            return "dense"
+        avail = available_backends()
+        if images.device.type == "cuda" and avail["spconv"][0]:
+            return "spconv"
+        return "tiles" if avail["tiles"][0] else "dense"
+
+    # ----------------------------------------------------------------------- forward
+    def _check_size(self, h: int, w: int) -> None:
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"image size {h}x{w} is not divisible by the patch size {self.patch_size}")
+        gh, gw = h // self.patch_size, w // self.patch_size
+        for (lh, lw) in layer_sizes(self.layers, h, w):
+            if lh % gh or lw % gw:
+                raise ValueError(f"stack produces a {lh}x{lw} map from {h}x{w} images, not a multiple "
+                                 f"of the {gh}x{gw} patch grid")
+
+    def check_inputs(self, images: torch.Tensor, visible: torch.Tensor | None) -> None:
+        if images.dim() != 4:
+            raise ValueError(f"images must be [B, C, H, W]; got shape {tuple(images.shape)}")
+        b, c, h, w = images.shape
+        if c != self.in_chans:
+            raise ValueError(f"expected images with {self.in_chans} channels [B, {self.in_chans}, H, W]; "
+                             f"got shape {tuple(images.shape)}")
+        self._check_size(h, w)
+        if visible is not None:
+            expected = (b, h // self.patch_size, w // self.patch_size)
+            if visible.dtype != torch.bool:
+                raise ValueError(f"visible must be a bool tensor of shape {list(expected)}; got dtype {visible.dtype}")
+            if tuple(visible.shape) != expected:
+                raise ValueError(f"visible must have shape {list(expected)} (batch, H/P, W/P); "
+                                 f"got {list(visible.shape)}")
+            if visible.device != images.device:
+                raise ValueError(f"visible is on {visible.device} but images are on {images.device}")
+
+    def forward(self, images: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_inputs(images, visible)
+        name = self.pick_backend(images, visible)
+        self.last_backend = name
+        out = _backend_module(name).run(self.layers, images, visible)  # [B, D, gh, gw]
+        if self.output_fmt == "NCHW":
+            return out.contiguous()
+        return out.flatten(2).transpose(1, 2).contiguous()
+
+    def extra_repr(self) -> str:
+        backend = self._backend
+        if backend == "auto":
+            backend = f"auto (last picked: {self.last_backend or 'none yet'})"
+        return (f"stack={self.stack_name}, embed_dim={self.embed_dim}, patch_size={self.patch_size}, "
+                f"in_chans={self.in_chans}, backend={backend}")
