@@ -1,0 +1,570 @@
+"""Recipe schema, loading, validation and ``--set`` overrides.
+
+This module is the ONE place where recipes are checked. Everything downstream may rely on
+``load_recipe`` returning a complete nested dict of the documented keys with the documented
+types (see docs/architecture.md, "Recipe schema").
+
+Rules:
+
+* files are read with ``yaml.safe_load`` only;
+* every error is a :class:`RecipeError` whose single-line message names the file and the key
+  (unknown keys come with a "did you mean 'x'?" suggestion);
+* ints are accepted where floats are expected (and converted); bools are never ints;
+  float keys also accept strings in scientific notation such as ``5e-4`` (YAML 1.1 reads
+  ``5e-4`` without a dot as a string, a common trap);
+* overrides are strings ``"section.key=value"``; the value is parsed with ``yaml.safe_load``;
+* ``model.size`` presets fill ``embed_dim``/``depth``/``num_heads`` unless the recipe (or an
+  override) sets them explicitly; ``model.predictor_dim: null`` resolves to ``embed_dim``;
+* an optional top-level ``name`` sets ``recipe["name"]`` (default: the file stem), so a resolved
+  recipe written by :func:`format_recipe` loads back unchanged.
+
+CLIs catch :class:`RecipeError`, print it to stderr and exit with status 2;
+:func:`run_cli` does exactly that.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import yaml
+
+__all__ = [
+    "RecipeError",
+    "SIZE_PRESETS",
+    "load_recipe",
+    "resolve_recipe",
+    "default_recipe",
+    "format_recipe",
+    "parse_override",
+    "run_cli",
+]
+
+
+class RecipeError(Exception):
+    """A recipe could not be loaded; the message names the file and the offending key."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema description
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Field:
+    """One recipe key: its kind, default and constraints.
+
+    kind: "int", "float", "bool", "str", "choice", "pair" (two floats), "tokenizer"
+    (a stack name or a list of layer descriptions).
+    """
+
+    kind: str
+    default: Any
+    nullable: bool = False
+    choices: tuple = ()
+    low: float | None = None  # lower bound
+    high: float | None = None  # upper bound
+    low_open: bool = False  # True: value must be > low, else >= low
+    high_open: bool = False  # True: value must be < high, else <= high
+    ordered: bool = False  # pairs: first <= second
+
+
+def _pos_int(default, nullable=False):
+    return Field("int", default, nullable=nullable, low=1)
+
+
+def _nonneg_int(default):
+    return Field("int", default, low=0)
+
+
+def _nonneg_float(default, nullable=False):
+    return Field("float", default, nullable=nullable, low=0.0)
+
+
+def _pos_float(default, nullable=False):
+    return Field("float", default, nullable=nullable, low=0.0, low_open=True)
+
+
+def _unit_pair(default):
+    """A pair (a, b) with 0 < a <= b <= 1."""
+    return Field("pair", default, low=0.0, low_open=True, high=1.0, ordered=True)
+
+
+def _pos_pair(default):
+    return Field("pair", default, low=0.0, low_open=True, ordered=True)
+
+
+DATASET_NAMES = ("demo", "fashion_mnist", "flowers", "pets", "imagenet100", "imagefolder")
+STACK_NAMES = ("scott", "small", "patchify")
+
+SCHEMA: Mapping[str, Mapping[str, Field]] = {
+    "data": {
+        "name": Field("choice", "demo", choices=DATASET_NAMES),
+        "root": Field("str", None, nullable=True),
+        "download": Field("bool", False),
+        "transductive": Field("bool", False),
+        "on_bad_image": Field("choice", "error", choices=("error", "skip")),
+        "num_workers": _nonneg_int(2),
+        "augment": Field("choice", "paper", choices=("paper", "light", "none")),
+        "crop_scale": _unit_pair([0.2, 1.0]),
+        "val_fraction": Field("float", 0.1, low=0.0, high=1.0, low_open=True, high_open=True),
+        "eval_split": Field("choice", "test", choices=("test", "val")),
+    },
+    "model": {
+        "tokenizer": Field("tokenizer", "scott", choices=STACK_NAMES),
+        "backend": Field("choice", "auto", choices=("auto", "spconv", "tiles", "dense")),
+        "size": Field("choice", None, nullable=True, choices=("cpu", "tiny", "small", "base")),
+        "img_size": _pos_int(224),
+        "patch_size": _pos_int(16),
+        "in_chans": Field("choice", 3, choices=(1, 3)),
+        "embed_dim": _pos_int(384),
+        "depth": _pos_int(12),
+        "num_heads": _pos_int(6),
+        "mlp_ratio": _pos_float(4.0),
+        "hidden_dim": _pos_int(64),
+        "context_tokens": Field("choice", "visible", choices=("visible", "all")),
+        "predictor_depth": _pos_int(3),
+        "predictor_dim": _pos_int(None, nullable=True),
+    },
+    "mask": {
+        "kind": Field("choice", "blockwise", choices=("blockwise", "multiblock", "uniform")),
+        "ratio": Field("float", 0.6, low=0.0, high=1.0, low_open=True, high_open=True),
+        "min_block": _pos_int(16),
+        "aspect": _pos_pair([0.3, 3.3]),
+        "num_targets": _pos_int(4),
+        "target_scale": _unit_pair([0.15, 0.2]),
+        "target_aspect": _pos_pair([0.75, 1.5]),
+        "context_scale": _unit_pair([0.85, 1.0]),
+    },
+    "objective": {
+        "name": Field("choice", "mimjepa", choices=("mimjepa", "pixel")),
+        "loss": Field("choice", "smooth_l1", choices=("smooth_l1", "l2")),
+        "ema_start": Field("float", 0.996, low=0.0, high=1.0),
+        "ema_end": Field("float", 1.0, low=0.0, high=1.0),
+        "target_view": Field("choice", "jitter", choices=("same", "jitter")),
+        "norm_pix": Field("bool", True),
+    },
+    "optim": {
+        "lr": _pos_float(5e-4),
+        "start_lr": _nonneg_float(1e-6),
+        "min_lr": _nonneg_float(1e-5),
+        "warmup_epochs": _nonneg_float(40.0),
+        "flat_fraction": Field("float", 0.72, low=0.0, high=1.0),
+        "weight_decay": _nonneg_float(0.04),
+        "weight_decay_end": _nonneg_float(0.4),
+        "batch_size": _pos_int(64),
+        "accum_steps": _pos_int(1),
+        "betas": Field("pair", [0.9, 0.999], low=0.0, high=1.0, high_open=True),
+        "grad_clip": _pos_float(None, nullable=True),
+    },
+    "train": {
+        "epochs": _pos_int(300),
+        "max_steps": _pos_int(None, nullable=True),
+        "seed": _nonneg_int(0),
+        "checkpoint_every": _pos_int(500),
+        "keep_checkpoints": _pos_int(3),
+        "log_every": _pos_int(10),
+        "mixed_precision": Field("choice", "no", choices=("no", "fp16", "bf16")),
+        "monitor_every": _nonneg_int(0),
+        "monitor_k": _pos_int(20),
+        "output_dir": Field("str", None, nullable=True),
+    },
+}
+
+#: ``model.size`` presets: (embed_dim, depth, num_heads).
+SIZE_PRESETS: Mapping[str, tuple[int, int, int]] = {
+    "cpu": (192, 6, 3),
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+}
+_PRESET_KEYS = ("embed_dim", "depth", "num_heads")
+
+#: Patch sizes each named tokenizer stack can produce (docs/architecture.md, "Stacks").
+_STACK_PATCH_SIZES: Mapping[str, tuple[int, ...]] = {"scott": (16,), "small": (4, 8)}
+
+#: Datasets read from a local folder that must exist (no download path).
+_LOCAL_ONLY = ("imagefolder", "imagenet100")
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+
+def default_recipe() -> dict:
+    """A fresh nested dict holding every default (``name`` = "default")."""
+    recipe = {sec: {k: copy.deepcopy(f.default) for k, f in fields.items()} for sec, fields in SCHEMA.items()}
+    recipe["name"] = "default"
+    return recipe
+
+
+def load_recipe(path, overrides: Iterable[str] = (), check_data: bool = True) -> dict:
+    """Load, validate and complete the recipe at ``path``.
+
+    Args:
+        path: YAML file.
+        overrides: strings ``"section.key=value"`` applied after the file (value parsed as YAML).
+        check_data: also check that local data folders the recipe needs exist (set False to
+            inspect a recipe on a machine without its data).
+
+    Returns:
+        nested dict with every default filled and ``recipe["name"]`` = file stem (or the file's
+        top-level ``name``).
+
+    Raises:
+        RecipeError: one message naming the file and the key.
+    """
+    path = Path(path)
+    src = str(path)
+    if not path.exists():
+        raise RecipeError(f"{src}: recipe file not found")
+    if not path.is_file():
+        raise RecipeError(f"{src}: not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{src}: cannot read recipe ({exc})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{src}: {where}malformed YAML ({problem})") from None
+    if raw is None:
+        raise RecipeError(f"{src}: recipe is empty (expected sections such as 'data:' and 'model:')")
+    return resolve_recipe(raw, source=src, overrides=overrides, check_data=check_data, name=path.stem)
+
+
+def resolve_recipe(
+    raw: Any,
+    source: str = "<recipe>",
+    overrides: Iterable[str] = (),
+    check_data: bool = True,
+    name: str = "recipe",
+) -> dict:
+    """Validate an already parsed recipe mapping (e.g. from a checkpoint) and fill defaults.
+
+    ``source`` is the label used in error messages; ``name`` is used when ``raw`` has no
+    top-level ``name``.
+    """
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: top level must be a mapping of sections, got {_describe(raw)}")
+    raw = copy.deepcopy(raw)
+    explicit: set[tuple[str, str]] = set()
+
+    recipe = default_recipe()
+    recipe["name"] = name
+    for section, body in raw.items():
+        if section == "name":
+            if not isinstance(body, str) or not body:
+                raise RecipeError(f"{source}: name: expected a non-empty str, got {_describe(body)}")
+            recipe["name"] = body
+            continue
+        _check_section_name(section, source)
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            raise RecipeError(f"{source}: {section}: expected a mapping of keys, got {_describe(body)}")
+        for key, value in body.items():
+            recipe[section][key] = _check_value(section, key, value, source)
+            explicit.add((section, key))
+
+    for text in overrides:
+        section, key, value = parse_override(text, source)
+        where = f"{source}: override '{text}'"
+        recipe[section][key] = _check_value(section, key, value, where)
+        explicit.add((section, key))
+
+    _apply_size_preset(recipe, explicit)
+    if recipe["model"]["predictor_dim"] is None:
+        recipe["model"]["predictor_dim"] = recipe["model"]["embed_dim"]
+    _check_cross_fields(recipe, source)
+    if check_data:
+        _check_data_folder(recipe, source)
+    return recipe
+
+
+def parse_override(text: str, source: str = "<overrides>") -> tuple[str, str, Any]:
+    """Split ``"section.key=value"`` into (section, key, parsed value); value via yaml.safe_load."""
+    where = f"{source}: override '{text}'"
+    if not isinstance(text, str) or "=" not in text:
+        raise RecipeError(f"{where}: expected 'section.key=value'")
+    dotted, value_text = text.split("=", 1)
+    dotted = dotted.strip()
+    parts = dotted.split(".")
+    if len(parts) != 2 or not all(parts):
+        raise RecipeError(f"{where}: key '{dotted}' must be 'section.key', e.g. 'optim.lr=1e-3'")
+    section, key = parts
+    _check_section_name(section, where)
+    _check_key_name(section, key, where)
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{where}: {dotted}: cannot parse value ({problem})") from None
+    return section, key, value
+
+
+def format_recipe(recipe: Mapping) -> str:
+    """YAML text of a (resolved) recipe; ``load_recipe`` of this text gives the same recipe."""
+    ordered = {"name": recipe.get("name")} if "name" in recipe else {}
+    for section in SCHEMA:
+        if section in recipe:
+            ordered[section] = dict(recipe[section])
+    for key, value in recipe.items():
+        if key not in ordered:
+            ordered[key] = value
+    return yaml.safe_dump(ordered, sort_keys=False, default_flow_style=None)
+
+
+def run_cli(main: Callable[[], Any]) -> None:
+    """Run a CLI ``main()``; on :class:`RecipeError` print ``error: ...`` to stderr and exit 2.
+
+    Any other return value of ``main`` is used as the exit status (None -> 0).
+    """
+    try:
+        status = main()
+    except RecipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(status or 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks
+# ---------------------------------------------------------------------------------------------
+
+
+def _suggest(word: str, options: Iterable[str]) -> str:
+    match = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.5)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _check_section_name(section: Any, where: str) -> None:
+    if section not in SCHEMA:
+        known = ", ".join(SCHEMA)
+        raise RecipeError(
+            f"{where}: unknown section '{section}'{_suggest(section, SCHEMA)} (sections: {known})"
+        )
+
+
+def _check_key_name(section: str, key: Any, where: str) -> None:
+    if key not in SCHEMA[section]:
+        raise RecipeError(
+            f"{where}: unknown key '{section}.{key}'{_suggest(key, SCHEMA[section])}"
+            f" (keys of '{section}': {', '.join(SCHEMA[section])})"
+        )
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    text = repr(value)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+_SCI_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _as_float(value: Any) -> float | None:
+    """Float value of an int/float (or scientific-notation string); None when not a number."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str) and _SCI_FLOAT.match(value.strip()):
+        return float(value)
+    return None
+
+
+def _check_value(section: str, key: str, value: Any, where: str) -> Any:
+    """Validate one value against the schema and return it normalised."""
+    _check_key_name(section, key, where)
+    spec = SCHEMA[section][key]
+    label = f"{where}: {section}.{key}"
+    if value is None:
+        if spec.nullable:
+            return None
+        raise RecipeError(f"{label}: must not be null")
+
+    if spec.kind == "bool":
+        if not isinstance(value, bool):
+            raise RecipeError(f"{label}: expected bool (true/false), got {_describe(value)}")
+        return value
+    if spec.kind == "str":
+        if not isinstance(value, str) or not value:
+            raise RecipeError(f"{label}: expected a non-empty str, got {_describe(value)}")
+        return value
+    if spec.kind == "choice":
+        if isinstance(value, bool) or value not in spec.choices:
+            options = ", ".join(repr(c) for c in spec.choices)
+            hint = _suggest(value, [str(c) for c in spec.choices]) if isinstance(value, str) else ""
+            raise RecipeError(f"{label}: expected one of {options}, got {_describe(value)}{hint}")
+        return value
+    if spec.kind == "tokenizer":
+        return _check_tokenizer(value, spec, label)
+    if spec.kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{label}: expected int, got {_describe(value)}")
+        _check_range(float(value), spec, label)
+        return value
+    if spec.kind == "float":
+        number = _as_float(value)
+        if number is None:
+            raise RecipeError(f"{label}: expected float, got {_describe(value)}")
+        if not math.isfinite(number):
+            raise RecipeError(f"{label}: expected a finite float, got {value!r}")
+        _check_range(number, spec, label)
+        return number
+    if spec.kind == "pair":
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise RecipeError(f"{label}: expected a list of two floats [a, b], got {_describe(value)}")
+        numbers = [_as_float(v) for v in value]
+        if any(n is None or not math.isfinite(n) for n in numbers):
+            raise RecipeError(f"{label}: expected a list of two floats [a, b], got {_describe(list(value))}")
+        for n in numbers:
+            _check_range(n, spec, label)
+        if spec.ordered and numbers[0] > numbers[1]:
+            raise RecipeError(f"{label}: first value must be <= second, got {numbers}")
+        return numbers
+    raise AssertionError(f"unhandled field kind {spec.kind}")  # pragma: no cover
+
+
+def _check_range(number: float, spec: Field, label: str) -> None:
+    if spec.low is not None and (number < spec.low or (spec.low_open and number == spec.low)):
+        op = ">" if spec.low_open else ">="
+        _range_error(number, spec, label, f"must be {op} {_fmt(spec.low)}")
+    if spec.high is not None and (number > spec.high or (spec.high_open and number == spec.high)):
+        op = "<" if spec.high_open else "<="
+        _range_error(number, spec, label, f"must be {op} {_fmt(spec.high)}")
+
+
+def _range_error(number: float, spec: Field, label: str, rule: str) -> None:
+    if spec.low is not None and spec.high is not None:
+        left = "(" if spec.low_open else "["
+        right = ")" if spec.high_open else "]"
+        rule = f"must be in {left}{_fmt(spec.low)}, {_fmt(spec.high)}{right}"
+    shown = int(number) if spec.kind == "int" else number
+    raise RecipeError(f"{label}: {rule}, got {shown}")
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _check_tokenizer(value: Any, spec: Field, label: str) -> Any:
+    """A stack name, or a custom stack: a non-empty list of layer-description mappings.
+
+    Layer descriptions are validated in detail by ``scott.tokenizer`` when the stack is built.
+    """
+    if isinstance(value, str):
+        if value not in spec.choices:
+            options = ", ".join(repr(c) for c in spec.choices)
+            raise RecipeError(
+                f"{label}: expected one of {options} or a list of layers, got {_describe(value)}"
+                f"{_suggest(value, spec.choices)}"
+            )
+        return value
+    if isinstance(value, list) and value and all(isinstance(layer, dict) for layer in value):
+        return value
+    raise RecipeError(f"{label}: expected a stack name or a list of layer mappings, got {_describe(value)}")
+
+
+def _apply_size_preset(recipe: dict, explicit: set[tuple[str, str]]) -> None:
+    model = recipe["model"]
+    if model["size"] is None:
+        return
+    for key, value in zip(_PRESET_KEYS, SIZE_PRESETS[model["size"]]):
+        if ("model", key) not in explicit:
+            model[key] = value
+
+
+def _check_cross_fields(recipe: dict, source: str) -> None:
+    model, mask, optim, objective = recipe["model"], recipe["mask"], recipe["optim"], recipe["objective"]
+    if model["img_size"] % model["patch_size"]:
+        raise RecipeError(
+            f"{source}: model.img_size: {model['img_size']} is not divisible by "
+            f"model.patch_size {model['patch_size']}"
+        )
+    if model["embed_dim"] % model["num_heads"]:
+        raise RecipeError(
+            f"{source}: model.embed_dim: {model['embed_dim']} is not divisible by "
+            f"model.num_heads {model['num_heads']}"
+        )
+    if model["predictor_dim"] % model["num_heads"]:
+        raise RecipeError(
+            f"{source}: model.predictor_dim: {model['predictor_dim']} is not divisible by "
+            f"model.num_heads {model['num_heads']}"
+        )
+    stack = model["tokenizer"]
+    if isinstance(stack, str) and stack in _STACK_PATCH_SIZES and model["patch_size"] not in _STACK_PATCH_SIZES[stack]:
+        allowed = " or ".join(str(p) for p in _STACK_PATCH_SIZES[stack])
+        raise RecipeError(
+            f"{source}: model.patch_size: the '{stack}' tokenizer stack has patch size {allowed}, "
+            f"got {model['patch_size']}"
+        )
+    num_patches = (model["img_size"] // model["patch_size"]) ** 2
+    if mask["kind"] == "blockwise" and mask["min_block"] > num_patches:
+        raise RecipeError(
+            f"{source}: mask.min_block: {mask['min_block']} patches is more than the "
+            f"{num_patches} patches of a {model['img_size']} px image"
+        )
+    if objective["ema_start"] > objective["ema_end"]:
+        raise RecipeError(
+            f"{source}: objective.ema_start: {objective['ema_start']} is larger than "
+            f"objective.ema_end {objective['ema_end']}"
+        )
+    if optim["batch_size"] % optim["accum_steps"]:
+        raise RecipeError(
+            f"{source}: optim.batch_size: global batch {optim['batch_size']} is not divisible by "
+            f"optim.accum_steps {optim['accum_steps']}"
+        )
+    if optim["start_lr"] > optim["lr"] or optim["min_lr"] > optim["lr"]:
+        raise RecipeError(
+            f"{source}: optim.lr: peak lr {optim['lr']} is below optim.start_lr "
+            f"{optim['start_lr']} or optim.min_lr {optim['min_lr']}"
+        )
+
+
+def _check_data_folder(recipe: dict, source: str) -> None:
+    """Local data that must exist: imagefolder/imagenet100 roots, fashion_mnist without download."""
+    from scott.data.roots import FASHION_MNIST_FILES, default_root, find_idx_file  # no torch
+
+    data = recipe["data"]
+    name = data["name"]
+    if name == "imagefolder" and data["root"] is None:
+        raise RecipeError(f"{source}: data.root: required for data.name 'imagefolder' (a folder with train/ and test/)")
+    root = Path(data["root"]).expanduser() if data["root"] is not None else default_root(name)
+    if name in _LOCAL_ONLY:
+        if not root.is_dir():
+            raise RecipeError(f"{source}: data.root: data folder '{root}' does not exist")
+        if not (root / "train").is_dir():
+            raise RecipeError(f"{source}: data.root: data folder '{root}' has no 'train' subfolder")
+    elif name == "fashion_mnist" and not data["download"]:
+        if not root.is_dir():
+            raise RecipeError(
+                f"{source}: data.root: data folder '{root}' does not exist "
+                "(install the Debian package dataset-fashion-mnist or set data.download: true)"
+            )
+        missing = [
+            stem for stems in FASHION_MNIST_FILES.values() for stem in stems if find_idx_file(root, stem) is None
+        ]
+        if missing:
+            raise RecipeError(
+                f"{source}: data.root: '{root}' lacks the Fashion-MNIST IDX files {', '.join(missing)}"
+            )
+    elif name in ("flowers", "pets") and not data["download"] and not root.is_dir():
+        raise RecipeError(
+            f"{source}: data.root: data folder '{root}' does not exist (set data.download: true "
+            "to let torchvision fetch it)"
+        )
