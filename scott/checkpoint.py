@@ -1,0 +1,328 @@
+"""Crash-safe checkpoints and safetensors encoder export.
+
+Layout of a run folder::
+
+    checkpoints/
+      step_00000500/         a complete checkpoint (has meta.json)
+        model.safetensors    weights (never pickled)
+        optimizer.pt         optimiser state: tensors / numbers only, loaded with weights_only=True
+        rng_rank0.pt ...     RNG states per process (weights_only=True)
+        meta.json            written LAST; lists every file with its size = "complete" marker
+      .tmp_step_00001000/    a checkpoint being written (ignored, removed by the next save)
+
+Atomicity: every file is written under a temporary name in its final folder, flushed, fsync'd
+and renamed with ``os.replace``; a checkpoint is assembled in ``.tmp_step_XXXXXXXX`` and the
+folder is renamed to ``step_XXXXXXXX`` only after ``meta.json`` is in place. A crash at any
+moment leaves either the previous set of complete checkpoints or a temporary folder.
+
+Resume policy (``find_last_complete``): checkpoints that lack ``meta.json``, whose meta.json is
+unreadable, or whose files are missing / of the wrong size are skipped with a printed message
+naming the folder and the reason. When no checkpoint folder exists at all the function returns
+``None`` (a fresh start: nothing would be lost). When checkpoint folders exist but none is
+complete it raises :class:`CheckpointError` instead of silently restarting from step 0.
+
+Nothing here unpickles arbitrary objects: weights use safetensors, other state uses
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+CHECKPOINTS = "checkpoints"
+META = "meta.json"
+ENCODER_FORMAT = "scott.encoder/1"
+_STEP_RE = re.compile(r"^step_(\d{8,})$")
+_TMP_PREFIX = ".tmp_"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder is unusable (e.g. checkpoints exist but none is complete)."""
+
+
+# ----------------------------------------------------------------------------- atomic files
+def _fsync_dir(path: Path) -> None:
+    """fsync a directory so that renames inside it are durable (no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` via ``write(tmp_path)`` then fsync + os.replace (same folder)."""
+    path = Path(path)
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Atomically replace ``path`` with ``text`` (UTF-8)."""
+    _atomic_write(Path(path), lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor],
+                 metadata: Mapping[str, str] | None = None) -> None:
+    """Atomically save a flat name->tensor mapping as safetensors (tensors copied to CPU)."""
+    flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    _atomic_write(Path(path), lambda p: save_file(flat, str(p), metadata=meta))
+
+
+def load_tensors(path: str | Path, device: str | torch.device = "cpu"
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load a safetensors file -> (tensors, metadata). Never unpickles."""
+    tensors: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt", device=str(device)) as fh:
+        metadata = dict(fh.metadata() or {})
+        for key in fh.keys():
+            tensors[key] = fh.get_tensor(key)
+    return tensors, metadata
+
+
+def save_torch_state(path: str | Path, obj) -> None:
+    """Atomically ``torch.save`` an object made of tensors, numbers, strings, lists, dicts."""
+    _atomic_write(Path(path), lambda p: torch.save(obj, p))
+
+
+def load_torch_state(path: str | Path, map_location="cpu"):
+    """Load a file written by :func:`save_torch_state` with ``weights_only=True`` (no pickle)."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+# ----------------------------------------------------------------------------- RNG state
+def capture_rng_state() -> dict:
+    """This process's torch / CUDA / numpy / python RNG states as weights_only-safe values."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": str(np_state[0]), "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                  "cached_gaussian": float(np_state[4])},
+        "python": {"version": int(py_state[0]), "state": list(py_state[1]),
+                   "gauss_next": py_state[2]},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    torch.set_rng_state(state["torch"])
+    npst = state["numpy"]
+    np.random.set_state((npst["kind"], npst["keys"].numpy().astype(np.uint32), npst["pos"],
+                         npst["has_gauss"], npst["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- checkpoint folders
+def checkpoints_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{int(step):08d}"
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The global step encoded in a ``step_XXXXXXXX`` folder name."""
+    match = _STEP_RE.match(Path(path).name)
+    if not match:
+        raise CheckpointError(f"{path} is not a checkpoint folder (expected step_XXXXXXXX)")
+    return int(match.group(1))
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Every ``step_XXXXXXXX`` folder (complete or not), oldest first."""
+    root = checkpoints_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_RE.match(p.name)]
+    return sorted(found, key=checkpoint_step)
+
+
+def begin_checkpoint(run_dir: str | Path, step: int) -> Path:
+    """Create (empty) the temporary folder a checkpoint for ``step`` is written into.
+
+    Leftover temporary folders of interrupted saves are removed first. Call on one process,
+    then let every process write its files into the returned folder.
+    """
+    root = checkpoints_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for leftover in root.glob(f"{_TMP_PREFIX}*"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+    tmp = root / f"{_TMP_PREFIX}{checkpoint_name(step)}"
+    tmp.mkdir()
+    return tmp
+
+
+def pending_checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    """The temporary folder of the checkpoint for ``step`` (as made by ``begin_checkpoint``)."""
+    return checkpoints_root(run_dir) / f"{_TMP_PREFIX}{checkpoint_name(step)}"
+
+
+def finish_checkpoint(run_dir: str | Path, step: int, meta: Mapping, keep: int | None = None,
+                      log: Callable[[str], None] = print) -> Path:
+    """Mark the pending checkpoint complete and publish it as ``checkpoints/step_XXXXXXXX``.
+
+    Writes ``meta.json`` (the given ``meta`` plus ``step`` and the name and size of every file)
+    last, renames the folder into place, then keeps only the newest ``keep`` complete
+    checkpoints (``None`` or ``<= 0`` keeps all).
+    """
+    tmp = pending_checkpoint_dir(run_dir, step)
+    if not tmp.is_dir():
+        raise CheckpointError(f"no pending checkpoint folder {tmp}; call begin_checkpoint first")
+    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())
+             if p.is_file() and p.name != META and not p.name.startswith(_TMP_PREFIX)}
+    full_meta = dict(meta)
+    full_meta.update(step=int(step), files=files)
+    atomic_write_text(tmp / META, json.dumps(full_meta, indent=2, sort_keys=True))
+    final = checkpoints_root(run_dir) / checkpoint_name(step)
+    if final.exists():  # re-saving the same step (e.g. after a resume): replace the old copy
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if keep is not None and keep > 0:
+        prune_checkpoints(run_dir, keep, log=log)
+    return final
+
+
+def check_complete(path: str | Path) -> str | None:
+    """``None`` when the checkpoint folder is complete, otherwise the reason it is not."""
+    path = Path(path)
+    meta_path = path / META
+    if not meta_path.is_file():
+        return "no meta.json (the save was interrupted)"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return f"unreadable meta.json ({err})"
+    files = meta.get("files")
+    if not isinstance(files, dict):
+        return "meta.json lists no files"
+    for name, size in files.items():
+        item = path / name
+        if not item.is_file():
+            return f"missing file {name}"
+        if item.stat().st_size != size:
+            return f"file {name} has {item.stat().st_size} bytes, meta.json says {size}"
+    return None
+
+
+def find_last_complete(run_dir: str | Path, log: Callable[[str], None] = print) -> Path | None:
+    """The newest complete checkpoint of a run.
+
+    Incomplete ones are skipped with a message ``log``-ged for each (folder and reason).
+    Returns ``None`` when the run has no checkpoint folder at all; raises
+    :class:`CheckpointError` when checkpoint folders exist but none is complete.
+    """
+    candidates = list_checkpoints(run_dir)
+    skipped = []
+    for path in reversed(candidates):
+        reason = check_complete(path)
+        if reason is None:
+            return path
+        log(f"skipping checkpoint {path}: {reason}")
+        skipped.append(f"{path.name} ({reason})")
+    if skipped:
+        raise CheckpointError(
+            f"{checkpoints_root(run_dir)} holds checkpoints but none is complete: "
+            + "; ".join(skipped)
+            + ". Refusing to restart from step 0 silently: remove the folder or use a new output.")
+    return None
+
+
+def read_meta(path: str | Path) -> dict:
+    """The ``meta.json`` of a checkpoint folder."""
+    return json.loads((Path(path) / META).read_text(encoding="utf-8"))
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int, log: Callable[[str], None] = print) -> list[Path]:
+    """Keep the newest ``keep`` complete checkpoints; remove older ones and stale torn ones.
+
+    Torn folders newer than the newest complete checkpoint are left alone (they are reported by
+    :func:`find_last_complete`). Returns the removed folders.
+    """
+    if keep <= 0:
+        return []
+    folders = list_checkpoints(run_dir)
+    complete = [p for p in folders if check_complete(p) is None]
+    kept = set(complete[-keep:])
+    newest_complete = checkpoint_step(complete[-1]) if complete else -1
+    removed = []
+    for path in folders:
+        if path in kept or checkpoint_step(path) > newest_complete:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    if removed:
+        _fsync_dir(checkpoints_root(run_dir))
+    return removed
+
+
+# ----------------------------------------------------------------------------- encoder export
+def export_encoder(path: str | Path, encoder_state_dict: Mapping[str, torch.Tensor],
+                   model_cfg: Mapping, eval_transform_spec: Mapping | None,
+                   extra: Mapping | None = None) -> Path:
+    """Write encoder weights as safetensors with JSON metadata.
+
+    Metadata keys (all JSON strings): ``format`` = ``scott.encoder/1``, ``model`` (the recipe's
+    model section, enough for ``build_encoder``), ``eval_transform`` (the evaluation transform
+    spec) and ``extra`` (free-form, e.g. step, which encoder, recipe name).
+    """
+    metadata = {
+        "format": ENCODER_FORMAT,
+        "model": json.dumps(dict(model_cfg), sort_keys=True),
+        "eval_transform": json.dumps(dict(eval_transform_spec) if eval_transform_spec else None,
+                                     sort_keys=True),
+        "extra": json.dumps(dict(extra or {}), sort_keys=True, default=str),
+    }
+    save_tensors(path, encoder_state_dict, metadata)
+    return Path(path)
+
+
+def load_encoder_file(path: str | Path, device: str | torch.device = "cpu"
+                      ) -> tuple[dict[str, torch.Tensor], dict, dict | None, dict]:
+    """Read a file written by :func:`export_encoder`.
+
+    Returns ``(state_dict, model_cfg, eval_transform_spec, extra)``; never unpickles.
+    """
+    tensors, metadata = load_tensors(path, device)
+    if metadata.get("format") != ENCODER_FORMAT:
+        raise CheckpointError(f"{path} is not a scott encoder file "
+                              f"(format {metadata.get('format')!r}, expected {ENCODER_FORMAT!r})")
+    model_cfg = json.loads(metadata["model"])
+    spec = json.loads(metadata.get("eval_transform", "null"))
+    extra = json.loads(metadata.get("extra", "{}"))
+    return tensors, model_cfg, spec, extra
