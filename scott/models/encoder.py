@@ -1,0 +1,150 @@
+"""ViT encoder over SCOTT tokens: tokenizer + fixed sin-cos positions + transformer blocks."""
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import Block
+
+from ..tokenizer import Tokenizer, gather_visible
+from .pos_embed import sincos_2d
+
+__all__ = ["Encoder", "build_encoder", "CONTEXT_MODES", "init_transformer_", "touch"]
+
+CONTEXT_MODES = ("all", "visible")
+
+
+def init_transformer_(blocks: nn.ModuleList, *extra: nn.Module) -> None:
+    """ViT initialisation: truncated-normal(0.02) linears, unit LayerNorms, and the output
+    projections of block ``i`` (1-based) scaled by ``1 / sqrt(2 i)`` for a stable residual stream."""
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    for module in (blocks, *extra):
+        module.apply(_init)
+    with torch.no_grad():
+        for i, block in enumerate(blocks, start=1):
+            block.attn.proj.weight.div_(math.sqrt(2.0 * i))
+            block.mlp.fc2.weight.div_(math.sqrt(2.0 * i))
+
+
+def touch(x: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
+    """``x`` plus an exact zero that depends on ``param``.
+
+    Used when a forward pass does not need ``param`` (e.g. the mask token in ``visible`` mode):
+    the parameter then gets a zero gradient instead of none, which distributed data parallel
+    training requires of every trainable parameter.
+    """
+    if torch.is_grad_enabled() and param.requires_grad:
+        return x + param.flatten()[0].to(x.dtype) * 0.0
+    return x
+
+
+def make_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float) -> nn.ModuleList:
+    """``depth`` pre-norm transformer blocks (timm ``Block``, qkv bias, LayerNorm eps 1e-6)."""
+    norm = partial(nn.LayerNorm, eps=1e-6)
+    return nn.ModuleList([Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm)
+                          for _ in range(depth)])
+
+
+class Encoder(nn.Module):
+    """Tokenizer + fixed 2-D sin-cos positions + ViT blocks + final LayerNorm (no CLS token).
+
+    ``forward(images, visible=None, context_tokens="all")``:
+
+    * ``visible=None``: the full image, ``[B, N, D]``.
+    * ``context_tokens="all"``: every position; the tokens of masked patches are replaced by the
+      learnable ``mask_token`` (plus their position), ``[B, N, D]``.
+    * ``context_tokens="visible"``: only the visible tokens in row-major order, ``[B, Nv, D]``
+      (every image must have the same visible count). ``return_positions=True`` also returns
+      their patch indices ``[B, Nv]``.
+
+    The tokenizer backend can be switched at any time through :attr:`backend` (parameters do
+    not depend on it); the target encoder of MIM-JEPA uses ``"dense"`` for full images.
+    """
+
+    def __init__(self, img_size=224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 384,
+                 depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0, tokenizer: str = "scott",
+                 backend: str = "auto", hidden_dim: int = 64):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        self.embed_dim = int(embed_dim)
+        self.tokenizer = Tokenizer(embed_dim=embed_dim, patch_size=patch_size, in_chans=in_chans,
+                                   stack=tokenizer, backend=backend, img_size=img_size,
+                                   hidden_dim=hidden_dim)
+        self.grid_size = tuple(self.tokenizer.grid_size)
+        self.num_patches = self.tokenizer.num_patches
+        self.patch_size = self.tokenizer.patch_size
+        self.in_chans = self.tokenizer.in_chans
+        self.register_buffer("pos_embed", sincos_2d(*self.grid_size, self.embed_dim)[None], persistent=False)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+        self.blocks = make_blocks(self.embed_dim, depth, num_heads, mlp_ratio)
+        self.norm = nn.LayerNorm(self.embed_dim, eps=1e-6)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        init_transformer_(self.blocks, self.norm)
+
+    # ------------------------------------------------------------------ backend
+    @property
+    def backend(self) -> str:
+        """The tokenizer backend (``auto``, ``dense``, ``tiles`` or ``spconv``)."""
+        return self.tokenizer.backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self.tokenizer.backend = name
+
+    # ------------------------------------------------------------------ forward
+    def positions_for(self, images: torch.Tensor) -> torch.Tensor:
+        """Sin-cos positions ``[1, N, D]`` for the patch grid of ``images``."""
+        gh, gw = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
+        if (gh, gw) == self.grid_size:
+            return self.pos_embed
+        return sincos_2d(gh, gw, self.embed_dim)[None].to(self.pos_embed.device)
+
+    def forward(self, images: torch.Tensor, visible: torch.Tensor | None = None,
+                context_tokens: str = "all", return_positions: bool = False):
+        if context_tokens not in CONTEXT_MODES:
+            raise ValueError(f"context_tokens must be one of {CONTEXT_MODES}, got {context_tokens!r}")
+        tokens = self.tokenizer(images, visible)                    # [B, N, D], masked = 0
+        pos = self.positions_for(images).to(tokens.dtype)
+        b, n, _ = tokens.shape
+        if visible is None:
+            x = tokens + pos
+            positions = torch.arange(n, device=tokens.device).expand(b, n)
+        elif context_tokens == "all":
+            keep = visible.reshape(b, n, 1)
+            x = torch.where(keep, tokens, self.mask_token.to(tokens.dtype)) + pos
+            positions = torch.arange(n, device=tokens.device).expand(b, n)
+        else:
+            x, positions = gather_visible(tokens, visible)
+            x = x + pos[0][positions]
+        if visible is None or context_tokens == "visible":
+            x = touch(x, self.mask_token)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        return (x, positions) if return_positions else x
+
+    @torch.no_grad()
+    def forward_features_pooled(self, images: torch.Tensor) -> torch.Tensor:
+        """Average-pooled patch tokens of full images, ``[B, D]`` (for evaluation)."""
+        return self.forward(images).mean(dim=1)
+
+
+def build_encoder(model_cfg: dict, backend: str | None = None) -> Encoder:
+    """Encoder from the recipe's ``model`` section; ``backend`` overrides ``model.backend``."""
+    cfg = dict(model_cfg)
+    return Encoder(img_size=cfg.get("img_size", 224), patch_size=cfg.get("patch_size", 16),
+                   in_chans=cfg.get("in_chans", 3), embed_dim=cfg.get("embed_dim", 384),
+                   depth=cfg.get("depth", 12), num_heads=cfg.get("num_heads", 6),
+                   mlp_ratio=cfg.get("mlp_ratio", 4.0), tokenizer=cfg.get("tokenizer", "scott"),
+                   backend=backend or cfg.get("backend", "auto"), hidden_dim=cfg.get("hidden_dim", 64))

@@ -1,0 +1,228 @@
+"""Self-supervised objectives: MIM-JEPA (latent targets) and pixel regression (MAE/SimMIM style).
+
+Both share the same pipeline: the context encoder sees the masked image (``visible`` patches
+only), the predictor fills in the masked positions, and the loss is computed on the TARGET
+patches only. The masks are an explicit argument of ``forward``::
+
+    loss, stats = objective(images_ctx, images_tgt, masks)   # masks: MaskBatch or visible [B, gh, gw]
+
+A plain ``visible`` tensor means ``target = ~visible``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .ema import update_ema
+from .masks import MaskBatch
+from .models import build_encoder, build_predictor
+from .models.encoder import CONTEXT_MODES
+
+__all__ = ["MIMJEPA", "PixelObjective", "build_objective", "masked_loss", "patchify",
+           "normalise_patches", "param_groups", "LOSSES"]
+
+LOSSES = ("smooth_l1", "l2")
+
+
+def masked_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, kind: str = "smooth_l1") -> torch.Tensor:
+    """Mean per-element loss over the tokens where ``weight [B, Q]`` (bool) is True.
+
+    ``pred`` and ``target`` are ``[B, Q, C]``. Tokens outside ``weight`` contribute nothing
+    (neither to the value nor to the gradient). ``smooth_l1`` uses beta = 1; ``l2`` is the mean
+    squared error.
+    """
+    pred, target = pred.float(), target.float()
+    if kind == "smooth_l1":
+        per = F.smooth_l1_loss(pred, target, reduction="none", beta=1.0)
+    elif kind == "l2":
+        per = F.mse_loss(pred, target, reduction="none")
+    else:
+        raise ValueError(f"unknown loss {kind!r}; choose one of {LOSSES}")
+    per_token = per.mean(dim=-1)
+    w = weight.to(per_token.dtype)
+    per_token = torch.where(weight, per_token, torch.zeros_like(per_token))
+    return per_token.sum() / w.sum().clamp(min=1.0)
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``[B, C, H, W] -> [B, N, P*P*C]`` patches in row-major order (pixel order y, x, channel)."""
+    b, c, h, w = images.shape
+    p = patch_size
+    x = images.reshape(b, c, h // p, p, w // p, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def normalise_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per-patch normalisation to zero mean and unit variance (MAE's ``norm_pix_loss``)."""
+    mean = patches.mean(dim=-1, keepdim=True)
+    var = patches.var(dim=-1, keepdim=True, unbiased=False)
+    return (patches - mean) / (var + eps).sqrt()
+
+
+def _as_masks(masks) -> MaskBatch:
+    if isinstance(masks, MaskBatch):
+        return masks
+    if isinstance(masks, torch.Tensor):
+        return MaskBatch(masks, ~masks)
+    raise TypeError(f"masks must be a MaskBatch or a bool visible tensor, got {type(masks).__name__}")
+
+
+def _indices(mask_flat: torch.Tensor) -> torch.Tensor:
+    """Row-major indices ``[B, K]`` of the True entries of ``mask_flat [B, N]`` (same K per row)."""
+    b = mask_flat.shape[0]
+    return mask_flat.nonzero()[:, 1].reshape(b, -1)
+
+
+def _no_decay(name: str, p: torch.Tensor) -> bool:
+    return p.ndim <= 1 or name.endswith(".bias") or name.endswith("mask_token")
+
+
+def param_groups(modules: dict[str, nn.Module], weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: weights with decay (``apply_wd=True``), biases, norms and mask
+    tokens without. Only parameters that require gradients are included."""
+    decay, no_decay = [], []
+    for prefix, module in modules.items():
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if _no_decay(name, p) else decay).append(p)
+    return [{"params": decay, "weight_decay": float(weight_decay), "apply_wd": True, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "apply_wd": False, "name": "no_decay"}]
+
+
+class _MaskedPrediction(nn.Module):
+    """Context encoder + predictor; subclasses define the regression targets."""
+
+    def __init__(self, model_cfg: dict, objective_cfg: dict, predictor_out: int | None = None):
+        super().__init__()
+        self.context_tokens = model_cfg.get("context_tokens", "visible")
+        if self.context_tokens not in CONTEXT_MODES:
+            raise ValueError(f"model.context_tokens must be one of {CONTEXT_MODES}, got {self.context_tokens!r}")
+        self.loss_kind = objective_cfg.get("loss", "smooth_l1")
+        if self.loss_kind not in LOSSES:
+            raise ValueError(f"objective.loss must be one of {LOSSES}, got {self.loss_kind!r}")
+        self.model_cfg = dict(model_cfg)
+        self.context_encoder = build_encoder(model_cfg)
+        self.predictor = build_predictor(model_cfg, self.context_encoder.grid_size, out_dim=predictor_out)
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {"context_encoder": self.context_encoder, "predictor": self.predictor}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.trainable_modules().values() for p in m.parameters() if p.requires_grad]
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """See :func:`param_groups`."""
+        return param_groups(self.trainable_modules(), weight_decay)
+
+    def update_target(self, momentum: float) -> None:
+        """EMA update of the target encoder (no-op for objectives without one)."""
+
+    def export_encoder(self) -> nn.Module:
+        """The encoder to save for evaluation."""
+        return self.context_encoder
+
+    def predict(self, images_ctx: torch.Tensor, masks: MaskBatch):
+        """``(predictions [B, Q, out], query_positions [B, Q] | None, weight [B, Q] bool)``.
+
+        ``all`` mode predicts every position (``query_positions=None``, Q = N); ``visible`` mode
+        predicts every non-visible position. ``weight`` marks the target patches among the queries.
+        """
+        visible = masks.visible
+        b = visible.shape[0]
+        target_flat = masks.target.reshape(b, -1)
+        if self.context_tokens == "all":
+            ctx = self.context_encoder(images_ctx, visible, context_tokens="all")
+            return self.predictor(ctx), None, target_flat
+        ctx, ctx_pos = self.context_encoder(images_ctx, visible, context_tokens="visible", return_positions=True)
+        query_pos = _indices(~visible.reshape(b, -1))
+        pred = self.predictor(ctx, ctx_pos, query_pos)
+        return pred, query_pos, target_flat.gather(1, query_pos)
+
+    @staticmethod
+    def _select(tokens: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        if positions is None:
+            return tokens
+        return tokens.gather(1, positions.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+    def targets(self, images_ctx: torch.Tensor, images_tgt: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, images_ctx: torch.Tensor, images_tgt: torch.Tensor, masks):
+        masks = _as_masks(masks)
+        pred, query_pos, weight = self.predict(images_ctx, masks)
+        with torch.no_grad():
+            target = self._select(self.targets(images_ctx, images_tgt), query_pos)
+        loss = masked_loss(pred, target, weight, self.loss_kind)
+        with torch.no_grad():
+            sel = weight.unsqueeze(-1)
+            stats = {
+                "loss": loss.detach(),
+                "num_visible": float(masks.num_visible),
+                "num_target": weight.float().sum(1).mean(),
+                "pred_std": pred.float().std(dim=0).mean(),
+                "target_std": target.float().std(dim=0).mean(),
+                "target_abs": (target.float().abs() * sel).sum() / (sel.sum() * target.shape[-1]).clamp(min=1),
+            }
+        return loss, stats
+
+
+class MIMJEPA(_MaskedPrediction):
+    """MIM-JEPA: predict the EMA target encoder's (LayerNorm-ed) features of the target patches.
+
+    The target encoder is a copy of the context encoder with the ``dense`` tokenizer backend; it
+    sees the full ``images_tgt``, never receives gradients and always runs in eval mode.
+    """
+
+    def __init__(self, model_cfg: dict, objective_cfg: dict):
+        super().__init__(model_cfg, objective_cfg)
+        self.target_encoder = build_encoder(model_cfg, backend="dense")
+        self.target_encoder.load_state_dict(self.context_encoder.state_dict())
+        self.target_encoder.requires_grad_(False)
+        self.target_encoder.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.target_encoder.eval()
+        return self
+
+    @torch.no_grad()
+    def targets(self, images_ctx, images_tgt):
+        feats = self.target_encoder(images_tgt)
+        return F.layer_norm(feats.float(), (feats.shape[-1],))
+
+    @torch.no_grad()
+    def update_target(self, momentum: float) -> None:
+        update_ema(self.target_encoder, self.context_encoder, momentum)
+
+    def export_encoder(self) -> nn.Module:
+        return self.target_encoder
+
+
+class PixelObjective(_MaskedPrediction):
+    """Pixel regression of the masked patches (MAE / SimMIM style) with the same encoder and
+    predictor. Targets are the patches of ``images_ctx`` (the unmasked context view),
+    per-patch normalised when ``norm_pix``; ``images_tgt`` is ignored."""
+
+    def __init__(self, model_cfg: dict, objective_cfg: dict):
+        p, c = int(model_cfg.get("patch_size", 16)), int(model_cfg.get("in_chans", 3))
+        super().__init__(model_cfg, objective_cfg, predictor_out=p * p * c)
+        self.norm_pix = bool(objective_cfg.get("norm_pix", True))
+
+    @torch.no_grad()
+    def targets(self, images_ctx, images_tgt):
+        patches = patchify(images_ctx.float(), self.context_encoder.patch_size)
+        return normalise_patches(patches) if self.norm_pix else patches
+
+
+OBJECTIVES = {"mimjepa": MIMJEPA, "pixel": PixelObjective}
+
+
+def build_objective(recipe: dict) -> nn.Module:
+    """The objective named by ``recipe["objective"]["name"]`` built from the ``model`` section."""
+    objective_cfg = recipe.get("objective", {})
+    name = objective_cfg.get("name", "mimjepa")
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name](recipe["model"], objective_cfg)
