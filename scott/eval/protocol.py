@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -99,8 +100,8 @@ def _split_indices(labels: torch.Tensor, val_fraction: float, seed: int) -> tupl
     """Fit / validation indices from the project's splitter (``scott.data.datasets``)."""
     from scott.data.datasets import split_train_val
 
-    fit_idx, val_idx = split_train_val(labels.tolist(), val_fraction, seed)
-    return torch.as_tensor(list(fit_idx), dtype=torch.long), torch.as_tensor(list(val_idx), dtype=torch.long)
+    fit_idx, val_idx = split_train_val(labels.numpy(), val_fraction, seed)
+    return torch.as_tensor(np.asarray(fit_idx), dtype=torch.long), torch.as_tensor(np.asarray(val_idx), dtype=torch.long)
 
 
 def carve_validation(train: FeatureSet, val_fraction: float, seed: int) -> tuple[FeatureSet, FeatureSet]:
