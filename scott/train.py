@@ -1,0 +1,667 @@
+"""Self-supervised pretraining on Hugging Face Accelerate: ``pretrain(recipe, output_dir, resume)``.
+
+Data order, masks and schedules are pure functions of ``(seed, global step)``, so a resumed run
+repeats an uninterrupted one exactly:
+
+* :class:`StepSampler` cuts the global batch of step ``s`` out of a permutation seeded by
+  ``(seed, epoch)`` (drop_last) and splits it into ``num_processes * accum_steps`` shards; shard
+  ``k = rank * accum_steps + micro`` is one micro-batch of one process. The global batch of a step
+  does not depend on how many processes / accumulation steps share it.
+* Masks of a micro-batch come from ``masks_for_step(gen, b, seed, step, k)`` (same shard id), so
+  2 processes x 1 micro-batch and 1 process x 2 micro-batches see identical data and masks.
+* LR, weight decay and EMA momentum are set by hand every optimiser step from the global step
+  (``scott.schedules``); there is no prepared LR scheduler.
+* A checkpoint holds the objective's weights (safetensors), the optimiser (and fp16 scaler)
+  state and every process's RNG state (``torch.load(weights_only=True)`` files), see
+  ``scott.checkpoint``.
+
+A non-finite loss stops the run *before* the optimiser step with :class:`NonFiniteLossError`
+naming the step; no checkpoint of that state is written, earlier ones stay intact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from scott import checkpoint as ck
+
+__all__ = [
+    "StepSampler",
+    "ProcessBatches",
+    "NonFiniteLossError",
+    "RunDirError",
+    "PretrainRun",
+    "pretrain",
+    "resolve_output_dir",
+    "param_groups",
+    "knn_monitor",
+    "compare_with_random_init",
+]
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+SCALER_FILE = "scaler.pt"
+METRICS_FILE = "metrics.jsonl"
+RECIPE_FILE = "recipe.yaml"
+ENCODER_FILE = "encoder.safetensors"
+CONTEXT_ENCODER_FILE = "context_encoder.safetensors"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN / inf; the run stopped before applying that step."""
+
+    def __init__(self, step: int, epoch: int, value: float, last_checkpoint: Path | None):
+        self.step, self.epoch, self.value, self.last_checkpoint = step, epoch, value, last_checkpoint
+        kept = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+        super().__init__(
+            f"non-finite loss ({value}) at step {step} (epoch {epoch}); stopped before the optimiser "
+            f"step and saved nothing of this state; {kept}. Lower optim.lr or set optim.grad_clip.")
+
+
+class RunDirError(ValueError):
+    """The output folder cannot be used as asked (e.g. it holds a run and --resume is missing)."""
+
+
+# ----------------------------------------------------------------------------- data order
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([int(seed), int(epoch), 0x5C077]).generate_state(1)[0])
+
+
+@dataclass(frozen=True)
+class StepSampler:
+    """Deterministic, resumable data order: ``(epoch, index)`` pairs as a function of the step.
+
+    The epoch's permutation comes from ``(seed, epoch)``; step ``s`` of the run takes the slice
+    ``[b * G, (b + 1) * G)`` with ``b = s % steps_per_epoch`` (incomplete tail dropped). The slice
+    is split into ``num_shards`` equal contiguous shards.
+    """
+
+    num_samples: int
+    global_batch: int
+    num_shards: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.global_batch % self.num_shards:
+            raise ValueError(f"global batch {self.global_batch} is not divisible into {self.num_shards} shards "
+                             "(processes x accumulation steps)")
+        if self.num_samples < self.global_batch:
+            raise ValueError(f"the dataset has {self.num_samples} images, fewer than one global batch "
+                             f"({self.global_batch}); lower optim.batch_size")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // self.global_batch
+
+    @property
+    def shard_size(self) -> int:
+        return self.global_batch // self.num_shards
+
+    def epoch_of(self, step: int) -> int:
+        return int(step) // self.steps_per_epoch
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
+        return torch.randperm(self.num_samples, generator=gen)
+
+    def global_indices(self, step: int, perm: torch.Tensor | None = None) -> torch.Tensor:
+        """Dataset indices of the whole global batch of ``step``."""
+        epoch, b = divmod(int(step), self.steps_per_epoch)
+        perm = self.permutation(epoch) if perm is None else perm
+        return perm[b * self.global_batch:(b + 1) * self.global_batch]
+
+    def shard(self, step: int, shard: int, perm: torch.Tensor | None = None) -> list[tuple[int, int]]:
+        """The ``(epoch, index)`` pairs of shard ``shard`` of ``step``."""
+        if not 0 <= shard < self.num_shards:
+            raise ValueError(f"shard {shard} out of range [0, {self.num_shards})")
+        idx = self.global_indices(step, perm)[shard * self.shard_size:(shard + 1) * self.shard_size]
+        epoch = self.epoch_of(step)
+        return [(epoch, int(i)) for i in idx]
+
+
+class ProcessBatches:
+    """Batch sampler of one process: micro-batches of steps ``[start_step, end_step)``.
+
+    Yields, per step, ``accum_steps`` lists of ``(epoch, index)`` pairs (shards
+    ``rank * accum_steps + micro``). Usable as a DataLoader ``batch_sampler``.
+    """
+
+    def __init__(self, sampler: StepSampler, rank: int, accum_steps: int, start_step: int, end_step: int):
+        if sampler.num_shards % accum_steps:
+            raise ValueError("num_shards must be processes x accum_steps")
+        self.sampler, self.rank, self.accum = sampler, int(rank), int(accum_steps)
+        self.start, self.end = int(start_step), int(end_step)
+
+    def __len__(self) -> int:
+        return max(0, self.end - self.start) * self.accum
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, perm = None, None
+        for step in range(self.start, self.end):
+            if self.sampler.epoch_of(step) != epoch:
+                epoch = self.sampler.epoch_of(step)
+                perm = self.sampler.permutation(epoch)
+            for micro in range(self.accum):
+                yield self.sampler.shard(step, self.rank * self.accum + micro, perm)
+
+
+# ----------------------------------------------------------------------------- helpers
+def param_groups(model: nn.Module) -> list[dict]:
+    """AdamW groups: weight decay on >= 2-D weights only (no decay on biases and 1-D params).
+
+    Each group carries ``apply_wd`` so the per-step weight decay can be set by hand.
+    """
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+    groups = []
+    if decay:
+        groups.append({"params": decay, "apply_wd": True, "weight_decay": 0.0})
+    if no_decay:
+        groups.append({"params": no_decay, "apply_wd": False, "weight_decay": 0.0})
+    return groups
+
+
+def resolve_output_dir(recipe: Mapping, output: str | Path | None = None) -> Path:
+    """``output`` if given, else ``train.output_dir``, else ``runs/<recipe name>``."""
+    if output:
+        return Path(output)
+    if recipe["train"].get("output_dir"):
+        return Path(recipe["train"]["output_dir"])
+    return Path("runs") / str(recipe.get("name", "run"))
+
+
+def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(context images, target images) from what the pretraining dataset's collate gives."""
+    if isinstance(batch, Mapping):
+        ctx = batch.get("context", batch.get("images_ctx"))
+        tgt = batch.get("target", batch.get("images_tgt", ctx))
+        return ctx, tgt
+    if isinstance(batch, (tuple, list)):
+        if len(batch) == 1:
+            return batch[0], batch[0]
+        return batch[0], batch[1]
+    return batch, batch
+
+
+@dataclass
+class Components:
+    """What one pretraining run is made of (built by :func:`build_components`)."""
+
+    objective: nn.Module
+    dataset: Any                       # indexable by (epoch, index)
+    num_samples: int
+    mask_fn: Callable[[int, int, int, int], Any]   # (batch, seed, step, shard) -> MaskBatch / visible
+    eval_transform_spec: dict | None
+    collate_fn: Callable | None = None
+
+
+def build_components(recipe: Mapping) -> Components:
+    """Objective, pretraining dataset and mask function from the library modules."""
+    from scott.data import build_pretrain_dataset, eval_transform_spec
+    from scott.masks import build_mask_generator, masks_for_step
+    from scott.objectives import build_objective
+
+    model_cfg = recipe["model"]
+    grid = (model_cfg["img_size"] // model_cfg["patch_size"],) * 2
+    gen = build_mask_generator(recipe["mask"], grid)
+    dataset = build_pretrain_dataset(recipe)
+    objective = build_objective(recipe)
+
+    def mask_fn(batch, seed, step, shard):
+        return masks_for_step(gen, batch, seed, step, shard)
+
+    return Components(objective=objective, dataset=dataset, num_samples=len(dataset), mask_fn=mask_fn,
+                      eval_transform_spec=eval_transform_spec(recipe))
+
+
+def _encoders(objective: nn.Module) -> dict[str, nn.Module]:
+    """{"target": ..., "context": ...} encoders of an (unwrapped) objective.
+
+    "target" is what the objective exports for evaluation (the EMA target encoder of MIM-JEPA,
+    the context encoder of objectives without a target encoder).
+    """
+    context = objective.context_encoder
+    export = getattr(objective, "export_encoder", None)
+    return {"target": export() if export is not None else context, "context": context}
+
+
+# ----------------------------------------------------------------------------- the run
+class PretrainRun:
+    """One pretraining run: set-up, steps, checkpoints, exports. :func:`pretrain` drives it."""
+
+    def __init__(self, recipe: Mapping, output_dir: str | Path, accelerator=None,
+                 components: Components | None = None, log: Callable[[str], None] | None = None):
+        from accelerate import Accelerator
+
+        self.recipe = recipe
+        self.run_dir = Path(output_dir)
+        optim, train = recipe["optim"], recipe["train"]
+        self.accum = int(optim["accum_steps"])
+        if accelerator is None:
+            accelerator = Accelerator(mixed_precision=train["mixed_precision"],
+                                      gradient_accumulation_steps=self.accum)
+        else:
+            accelerator.gradient_accumulation_steps = self.accum
+        self.acc = accelerator
+        self.log = log or (lambda msg: self.acc.print(msg))
+        self.seed = int(train["seed"])
+        world = self.acc.num_processes
+        self.global_batch = int(optim["batch_size"])
+        if self.global_batch % (world * self.accum):
+            raise RunDirError(
+                f"optim.batch_size={self.global_batch} (the global batch) is not divisible by "
+                f"processes x accum_steps = {world} x {self.accum}")
+        self.micro_batch = self.global_batch // (world * self.accum)
+
+        torch.manual_seed(self.seed)  # identical initial weights on every process
+        self.parts = components or build_components(recipe)
+        self.sampler = StepSampler(self.parts.num_samples, self.global_batch, world * self.accum, self.seed)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.total_steps = int(train["max_steps"] or train["epochs"] * self.steps_per_epoch)
+
+        objective = self.parts.objective
+        groups = (objective.param_groups(float(optim["weight_decay"])) if hasattr(objective, "param_groups")
+                  else param_groups(objective))
+        optimizer = torch.optim.AdamW(groups, lr=float(optim["lr"]),
+                                      betas=tuple(optim["betas"]))
+        self.model, self.optimizer = self.acc.prepare(objective, optimizer)
+        self.start_step = 0
+        self.last_checkpoint: Path | None = None
+
+    # -- properties
+    @property
+    def objective(self) -> nn.Module:
+        return self.acc.unwrap_model(self.model)
+
+    @property
+    def is_main(self) -> bool:
+        return self.acc.is_main_process
+
+    # -- schedules
+    def schedule(self, step: int) -> dict[str, float]:
+        from scott.schedules import lr_at, momentum_at, wd_at
+
+        return {"lr": lr_at(step, self.total_steps, self.steps_per_epoch, self.recipe["optim"]),
+                "wd": wd_at(step, self.total_steps, self.recipe["optim"]),
+                "momentum": momentum_at(step, self.total_steps, self.recipe["objective"])}
+
+    def _apply_schedule(self, sched: Mapping[str, float]) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = sched["lr"]
+            group["weight_decay"] = sched["wd"] if group.get("apply_wd", True) else 0.0
+
+    # -- data
+    def make_loader(self, start_step: int) -> Iterator:
+        batches = ProcessBatches(self.sampler, self.acc.process_index, self.accum, start_step, self.total_steps)
+        workers = int(self.recipe["data"]["num_workers"])
+        loader = torch.utils.data.DataLoader(
+            self.parts.dataset, batch_sampler=batches, num_workers=workers,
+            collate_fn=self.parts.collate_fn, pin_memory=self.acc.device.type == "cuda",
+            generator=torch.Generator().manual_seed(self.seed),  # keeps the global RNG untouched
+            persistent_workers=False, prefetch_factor=4 if workers else None)
+        return iter(loader)
+
+    def masks(self, step: int, shard: int):
+        return self.parts.mask_fn(self.micro_batch, self.seed, step, shard)
+
+    # -- one optimiser step
+    def accumulate_gradients(self, step: int, batches: Iterator) -> tuple[torch.Tensor, float]:
+        """Forward + backward of every micro-batch of ``step`` on this process.
+
+        Returns (loss averaged over micro-batches and processes, seconds spent waiting on data).
+        Leaves the (synchronised) gradients in the parameters; does not step.
+        """
+        device = self.acc.device
+        loss_sum = torch.zeros((), device=device)
+        wait = 0.0
+        for micro in range(self.accum):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            wait += time.perf_counter() - t0
+            ctx, tgt = _split_batch(batch)
+            ctx = ctx.to(device, non_blocking=True)
+            tgt = tgt.to(device, non_blocking=True)
+            masks = self.masks(step, self.acc.process_index * self.accum + micro)
+            masks = masks.to(device)
+            with self.acc.accumulate(self.model):
+                loss, _stats = self.model(ctx, tgt, masks)
+                loss_sum += loss.detach().float()
+                self.acc.backward(loss)
+            if self.acc.sync_gradients != (micro == self.accum - 1):
+                raise RuntimeError("gradient accumulation is out of step with the accelerator "
+                                   f"(micro-batch {micro + 1} of {self.accum})")
+        mean = self.acc.reduce(loss_sum / self.accum, reduction="mean")
+        return mean, wait
+
+    def optimizer_step(self, step: int, loss: torch.Tensor, momentum: float) -> None:
+        """Guard against a non-finite loss, clip, step, zero the grads, update the EMA target."""
+        value = float(loss)
+        if not math.isfinite(value):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(step + 1, self.sampler.epoch_of(step), value, self.last_checkpoint)
+        clip = self.recipe["optim"]["grad_clip"]
+        if clip:
+            self.acc.clip_grad_norm_(self.model.parameters(), float(clip))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        update = getattr(self.objective, "update_target", None)
+        if update is not None:
+            update(momentum)
+
+    # -- checkpoints
+    def save_checkpoint(self, step: int) -> Path:
+        """Write a complete checkpoint for ``step`` completed steps (collective call)."""
+        if self.is_main:
+            ck.begin_checkpoint(self.run_dir, step)
+        self.acc.wait_for_everyone()
+        tmp = ck.pending_checkpoint_dir(self.run_dir, step)
+        ck.save_torch_state(tmp / f"rng_rank{self.acc.process_index}.pt", ck.capture_rng_state())
+        if self.is_main:
+            ck.save_tensors(tmp / MODEL_FILE, self.objective.state_dict())
+            ck.save_torch_state(tmp / OPTIMIZER_FILE, self.optimizer.state_dict())
+            if self.acc.scaler is not None:
+                ck.save_torch_state(tmp / SCALER_FILE, self.acc.scaler.state_dict())
+        self.acc.wait_for_everyone()
+        path = ck.checkpoints_root(self.run_dir) / ck.checkpoint_name(step)
+        if self.is_main:
+            meta = {"epoch": self.sampler.epoch_of(step), "total_steps": self.total_steps,
+                    "global_batch": self.global_batch, "num_processes": self.acc.num_processes,
+                    "accum_steps": self.accum, "seed": self.seed, "num_samples": self.sampler.num_samples,
+                    "recipe_name": self.recipe.get("name"), "time": time.time()}
+            path = ck.finish_checkpoint(self.run_dir, step, meta,
+                                        keep=int(self.recipe["train"]["keep_checkpoints"]), log=self.log)
+        self.acc.wait_for_everyone()
+        self.last_checkpoint = path
+        return path
+
+    def load_checkpoint(self, path: Path) -> int:
+        """Restore weights, optimiser, scaler and RNG from ``path``; returns its step."""
+        meta = ck.read_meta(path)
+        for key, mine in (("global_batch", self.global_batch), ("seed", self.seed),
+                          ("num_samples", self.sampler.num_samples)):
+            if meta.get(key) != mine:
+                raise RunDirError(f"cannot resume from {path}: its {key} is {meta.get(key)}, this run has {mine} "
+                                  "(the data order would differ)")
+        tensors, _ = ck.load_tensors(path / MODEL_FILE)
+        self.objective.load_state_dict(tensors, strict=True)
+        self.optimizer.load_state_dict(ck.load_torch_state(path / OPTIMIZER_FILE))
+        if self.acc.scaler is not None and (path / SCALER_FILE).is_file():
+            self.acc.scaler.load_state_dict(ck.load_torch_state(path / SCALER_FILE))
+        rng_file = path / f"rng_rank{self.acc.process_index}.pt"
+        if meta.get("num_processes") == self.acc.num_processes and rng_file.is_file():
+            ck.restore_rng_state(ck.load_torch_state(rng_file))
+        else:
+            self.log(f"note: {path} was written by {meta.get('num_processes')} processes, this run has "
+                     f"{self.acc.num_processes}: data order is kept, masks and RNG streams differ")
+        self.last_checkpoint = path
+        return int(meta["step"])
+
+    # -- exports
+    def export_encoders(self, step: int) -> dict[str, Path]:
+        """encoder.safetensors (target) and context_encoder.safetensors (main process writes)."""
+        paths = {"target": self.run_dir / ENCODER_FILE, "context": self.run_dir / CONTEXT_ENCODER_FILE}
+        if self.is_main:
+            for which, encoder in _encoders(self.objective).items():
+                ck.export_encoder(paths[which], encoder.state_dict(), self.recipe["model"],
+                                  self.parts.eval_transform_spec,
+                                  extra={"which": which, "step": step, "recipe": self.recipe.get("name"),
+                                         "objective": self.recipe["objective"]["name"]})
+        self.acc.wait_for_everyone()
+        return paths
+
+
+# ----------------------------------------------------------------------------- run folder files
+def _prepare_run_dir(run: PretrainRun, resume: bool) -> int:
+    """Check the folder, restore the last complete checkpoint if resuming; returns the start step."""
+    from scott.config import format_recipe
+
+    run_dir = run.run_dir
+    start = 0
+    if resume:
+        last = ck.find_last_complete(run_dir, log=run.log)
+        if last is None:
+            run.log(f"--resume: no checkpoint in {run_dir}, starting from step 0")
+        else:
+            start = run.load_checkpoint(last)
+            run.log(f"resuming from {last} (step {start} of {run.total_steps})")
+            _warn_recipe_change(run, run_dir / RECIPE_FILE)
+    elif ck.list_checkpoints(run_dir):
+        raise RunDirError(f"{run_dir} already holds checkpoints of a run; pass --resume to continue it "
+                          "or choose another --output")
+    run.acc.wait_for_everyone()
+    if run.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ck.atomic_write_text(run_dir / RECIPE_FILE, format_recipe(run.recipe))
+        _truncate_metrics(run_dir / METRICS_FILE, start)
+    run.acc.wait_for_everyone()
+    return start
+
+
+def _warn_recipe_change(run: PretrainRun, stored: Path) -> None:
+    import yaml
+
+    if not stored.is_file():
+        return
+    old = yaml.safe_load(stored.read_text(encoding="utf-8")) or {}
+    changed = [f"{sec}.{key}" for sec, body in run.recipe.items() if isinstance(body, dict)
+               for key, value in body.items() if (old.get(sec) or {}).get(key, value) != value]
+    if changed:
+        run.log(f"note: the recipe differs from the stored {stored.name} in: {', '.join(changed)}")
+
+
+def _truncate_metrics(path: Path, start_step: int) -> None:
+    """Drop metric lines of steps after ``start_step`` (written after the resumed checkpoint)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if int(json.loads(line).get("step", 0)) <= start_step:
+                kept.append(line)
+        except (ValueError, AttributeError):
+            continue
+    ck.atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+class _MetricsLog:
+    """metrics.jsonl + TensorBoard on the main process; no-op elsewhere."""
+
+    def __init__(self, run_dir: Path, enabled: bool, start_step: int, log_every: int):
+        self.enabled, self.log_every = enabled, max(1, int(log_every))
+        self.file = self.tb = None
+        if enabled:
+            self.file = open(run_dir / METRICS_FILE, "a", encoding="utf-8")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+            except ImportError:  # tensorboard missing: the jsonl file is the record
+                self.tb = None
+
+    def write(self, record: Mapping[str, Any], tb_every: bool = True) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        step = int(record["step"])
+        if self.tb is not None and (not tb_every or step % self.log_every == 0 or step == 1):
+            for key, value in record.items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"pretrain/{key}", value, step)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb:
+            self.tb.close()
+
+
+class _Progress:
+    """rich progress bar on the main process (steps, loss, images/s, ETA)."""
+
+    def __init__(self, enabled: bool, total: int, start: int):
+        self.bar = self.task = None
+        if enabled:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+
+            self.bar = Progress(TextColumn("pretrain"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[ips]} img/s"),
+                                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+            self.task = self.bar.add_task("pretrain", total=total, completed=start, loss="-", ips="-")
+            self.bar.start()
+
+    def update(self, step: int, loss: float, ips: float) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, loss=f"{loss:.4f}", ips=f"{ips:.1f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _print_summary(summary: Mapping[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="pretraining summary")
+    table.add_column("item")
+    table.add_column("value")
+    for key, value in summary.items():
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        table.add_row(str(key), str(value))
+    Console().print(table)
+
+
+# ----------------------------------------------------------------------------- kNN monitor / payoff
+def _labelled_split(recipe: Mapping, split: str):
+    from scott.data import build_dataset
+
+    return build_dataset(recipe["data"], split)
+
+
+def knn_monitor(encoder: nn.Module, recipe: Mapping, eval_transform_spec: Mapping | None,
+                k: int | None = None, query_split: str = "val", device=None) -> float:
+    """kNN top-1 of avg-pooled features: labelled train split as memory bank, ``query_split`` queried.
+
+    Used online during pretraining (``train.monitor_every``); the default query split is the
+    validation split so that monitoring never looks at the test split.
+    """
+    from scott.eval.features import extract_features
+    from scott.eval.knn import knn_classify
+
+    bank_split = "fit" if query_split == "val" else "train"
+    bank, query = _labelled_split(recipe, bank_split), _labelled_split(recipe, query_split)
+    had = getattr(encoder, "eval_transform_spec", None)
+    encoder.eval_transform_spec = dict(eval_transform_spec) if eval_transform_spec else had
+    try:
+        xb, yb = extract_features(encoder, bank, device=device, progress=False)
+        xq, yq = extract_features(encoder, query, device=device, progress=False)
+    finally:
+        encoder.eval_transform_spec = had
+    top1, _ = knn_classify(xb, yb, xq, yq, k=int(k or recipe["train"]["monitor_k"]))
+    return float(top1)
+
+
+def compare_with_random_init(run_dir: str | Path, recipe: Mapping, k: int | None = None,
+                             split: str | None = None, device=None) -> dict[str, float]:
+    """kNN top-1 on ``split`` (default ``data.eval_split``) of the pretrained target encoder and of
+    a randomly initialised encoder of the same recipe (seed ``train.seed``).
+
+    This is a report of a finished run (nothing is selected on it).
+    """
+    from scott.eval.features import load_encoder
+    from scott.models import build_encoder
+
+    split = split or recipe["data"]["eval_split"]
+    trained = load_encoder(run_dir, which="target", device=device)
+    torch.manual_seed(int(recipe["train"]["seed"]))
+    random_init = build_encoder(recipe["model"])
+    random_init.model_cfg = dict(recipe["model"])
+    spec = trained.eval_transform_spec
+    k = int(k or recipe["train"]["monitor_k"])
+    return {"pretrained": knn_monitor(trained, recipe, spec, k, split, device),
+            "random_init": knn_monitor(random_init, recipe, spec, k, split, device),
+            "k": k, "split": split}
+
+
+# ----------------------------------------------------------------------------- entry point
+def pretrain(recipe: Mapping, output_dir: str | Path, resume: bool = False, accelerator=None,
+             components: Components | None = None) -> dict[str, Any]:
+    """Pretrain the recipe's objective; write the run folder; return a summary dict.
+
+    ``components`` replaces the library-built objective/data/masks (tests, experiments).
+    Raises :class:`NonFiniteLossError` on NaN/inf loss, :class:`RunDirError` for an unusable
+    output folder, ``scott.checkpoint.CheckpointError`` when resuming finds only torn checkpoints.
+    """
+    run = PretrainRun(recipe, output_dir, accelerator, components)
+    train_cfg = recipe["train"]
+    start = run.start_step = _prepare_run_dir(run, resume)
+    total = run.total_steps
+    every = int(train_cfg["checkpoint_every"])
+    monitor_every = int(train_cfg["monitor_every"])
+    metrics = _MetricsLog(run.run_dir, run.is_main, start, train_cfg["log_every"])
+    progress = _Progress(run.is_main, total, start)
+    run.model.train()
+    batches = run.make_loader(start)
+    t_start = time.perf_counter()
+    images = 0
+    loss_value = float("nan")
+    knn_last = None
+    try:
+        for step in range(start, total):
+            t0 = time.perf_counter()
+            sched = run.schedule(step)
+            run._apply_schedule(sched)
+            loss, wait = run.accumulate_gradients(step, batches)
+            run.optimizer_step(step, loss, sched["momentum"])
+            done = step + 1
+            loss_value = float(loss)
+            dt = time.perf_counter() - t0
+            images += run.global_batch
+            ips = run.global_batch / max(dt, 1e-9)
+            record = {"step": done, "epoch": run.sampler.epoch_of(step), "loss": loss_value, "lr": sched["lr"],
+                      "wd": sched["wd"], "momentum": sched["momentum"], "images_per_s": ips, "data_wait_s": wait}
+            epoch_end = done % run.steps_per_epoch == 0
+            if monitor_every and epoch_end and (done // run.steps_per_epoch) % monitor_every == 0:
+                if run.is_main:
+                    knn_last = knn_monitor(_encoders(run.objective)["target"], recipe,
+                                           run.parts.eval_transform_spec, device=run.acc.device)
+                    record["knn_top1"] = knn_last
+                run.model.train()
+                run.acc.wait_for_everyone()
+            metrics.write(record)
+            progress.update(done, loss_value, ips)
+            if done % every == 0 or done == total:
+                run.save_checkpoint(done)
+    finally:
+        progress.close()
+        metrics.close()
+    if total <= start and run.last_checkpoint is None:
+        run.save_checkpoint(total)
+    paths = run.export_encoders(total)
+    wall = time.perf_counter() - t_start
+    summary = {"output_dir": str(run.run_dir), "steps": total, "start_step": start,
+               "epochs": total / run.steps_per_epoch, "final_loss": loss_value,
+               "images_per_s": images / wall if wall > 0 else 0.0, "wall_s": wall,
+               "processes": run.acc.num_processes, "global_batch": run.global_batch,
+               "encoder": str(paths["target"]), "context_encoder": str(paths["context"]),
+               "last_checkpoint": str(run.last_checkpoint)}
+    if knn_last is not None:
+        summary["knn_top1_monitor"] = knn_last
+    if run.is_main:
+        _print_summary(summary)
+    return summary
