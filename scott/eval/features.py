@@ -89,10 +89,10 @@ def load_encoder(
         ValueError: corrupt file, foreign safetensors file, missing metadata or weights that do
             not match the architecture.
     """
+    path = encoder_file(path_or_run_dir, which)
+    state, model_cfg, spec = _read_export(path)  # validates the file before anything is built
     from scott.models import build_encoder
 
-    path = encoder_file(path_or_run_dir, which)
-    state, model_cfg, spec = _read_export(path)
     if backend is not None:
         model_cfg = {**model_cfg, "backend": backend}
     encoder = build_encoder(model_cfg)
