@@ -322,7 +322,20 @@ def format_recipe(recipe: Mapping) -> str:
     for key, value in recipe.items():
         if key not in ordered:
             ordered[key] = value
-    return yaml.safe_dump(ordered, sort_keys=False, default_flow_style=None)
+    return yaml.dump(ordered, Dumper=_RecipeDumper, sort_keys=False, default_flow_style=False)
+
+
+class _RecipeDumper(yaml.SafeDumper):
+    """Safe dumper writing mappings as blocks and short lists of scalars inline ([0.2, 1.0])."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list):
+    flow = all(isinstance(v, (int, float, str, bool)) or v is None for v in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_RecipeDumper.add_representer(list, _represent_list)
+_RecipeDumper.add_representer(tuple, _represent_list)
 
 
 def run_cli(main: Callable[[], Any]) -> None:

@@ -1,0 +1,458 @@
+"""Map-style image datasets: ``build_dataset(data_cfg, split)`` -> items ``(PIL image, int label)``.
+
+Datasets (``data.name``) and their splits:
+
+==============  =====================================================================
+demo            embedded Fashion-MNIST subset (scott/data/demo): train 5,000 / test 1,000
+fashion_mnist   IDX files in ``data.root`` (default: Debian dataset-fashion-mnist),
+                train 60,000 / test 10,000; torchvision download if ``data.download``
+flowers         torchvision Flowers102, official train / val / test (1,020 / 1,020 / 6,149)
+pets            torchvision OxfordIIITPet, official trainval / test (3,680 / 3,669);
+                "train" is an alias of "trainval"
+imagenet100     folder ``root/train`` and ``root/val``; "test" reads ``root/val`` (ImageNet's
+                held-out set), there is no separate "val" split
+imagefolder     folders ``root/<split>/<class>/<image>`` for train, val, test
+==============  =====================================================================
+
+"trainval" is every labelled non-test image (flowers: train + val; others: train).
+Where a dataset has no official validation split, probes carve one from train with
+:func:`split_train_val` (stratified, deterministic) -- never from test.
+
+Every dataset has ``labels`` (int64 numpy array), ``classes`` (list of names) and an optional
+``transform`` applied to the image. ``in_chans`` converts grey images to RGB (3) or colour
+images to grey (1); ``None`` keeps each image's natural mode (grey for Fashion-MNIST).
+
+Bad images (``data.on_bad_image``): ``error`` raises :class:`BadImageError` naming the file the
+first time it is read; ``skip`` checks every file when the dataset is built, drops unreadable
+ones, logs each skipped path and a count, and (for files that only fail on full decoding) logs
+and replaces the item by the next readable one at read time.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from scott.data.idx import IdxError, read_idx
+from scott.data.roots import FASHION_MNIST_FILES, default_root, find_idx_file
+
+__all__ = [
+    "DatasetError",
+    "BadImageError",
+    "LabeledDataset",
+    "ArrayImageDataset",
+    "ImageFileDataset",
+    "LabeledConcat",
+    "LabeledSubset",
+    "FASHION_MNIST_CLASSES",
+    "IMAGE_EXTENSIONS",
+    "available_splits",
+    "build_dataset",
+    "build_pretrain_dataset",
+    "check_dataset_size",
+    "convert_channels",
+    "pretrain_split",
+    "scan_image_folder",
+    "split_train_val",
+]
+
+log = logging.getLogger(__name__)
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+#: split name -> stored splits it is made of, per dataset.
+_SPLITS = {
+    "demo": {"train": ("train",), "trainval": ("train",), "test": ("test",)},
+    "fashion_mnist": {"train": ("train",), "trainval": ("train",), "test": ("test",)},
+    "flowers": {"train": ("train",), "val": ("val",), "trainval": ("train", "val"), "test": ("test",)},
+    "pets": {"train": ("trainval",), "trainval": ("trainval",), "test": ("test",)},
+    "imagenet100": {"train": ("train",), "trainval": ("train",), "test": ("val",)},
+    "imagefolder": {"train": ("train",), "val": ("val",), "trainval": ("train",), "test": ("test",)},
+}
+
+#: Splits used for self-supervised pretraining (all labelled non-test images).
+_PRETRAIN_SPLITS = {
+    "demo": ("train",),
+    "fashion_mnist": ("train",),
+    "flowers": ("train", "val"),  # official train + val: every non-test image
+    "pets": ("trainval",),
+    "imagenet100": ("train",),
+    "imagefolder": ("train",),
+}
+
+
+class DatasetError(RuntimeError):
+    """A dataset cannot be built or used; the message says which data and why."""
+
+
+class BadImageError(DatasetError):
+    """An image file cannot be read; the message names its path."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset classes
+# ---------------------------------------------------------------------------------------------
+
+
+def convert_channels(img: Image.Image, in_chans: int | None) -> Image.Image:
+    """Return ``img`` as "L" (in_chans 1) or "RGB" (in_chans 3); None: grey stays "L", else "RGB"."""
+    if in_chans is None:
+        target = "L" if img.mode in ("1", "L", "I", "I;16", "F") else "RGB"
+    elif in_chans == 1:
+        target = "L"
+    elif in_chans == 3:
+        target = "RGB"
+    else:
+        raise ValueError(f"in_chans must be 1, 3 or None, got {in_chans}")
+    if img.mode == target:
+        return img
+    if img.mode in ("I", "I;16", "F"):  # high bit-depth grey: scale to 8 bit first
+        arr = np.asarray(img, dtype=np.float64)
+        peak = float(arr.max()) if arr.size else 0.0
+        top = 1.0 if (img.mode == "F" and peak <= 1.0) else 255.0 if peak <= 255.0 else 65535.0
+        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8))
+    if img.mode in ("P", "PA", "LA", "RGBA") and target == "RGB":
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert(target)
+
+
+class LabeledDataset:
+    """Base: ``labels`` (int64 array), ``classes``, ``transform``; items (image, int label)."""
+
+    labels: np.ndarray
+    classes: list
+    transform: Callable | None = None
+    description: str = "dataset"
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load_image(self, index: int) -> Image.Image:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __getitem__(self, index: int):
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {self.description} of {len(self)} images")
+        img = self.load_image(index)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, int(self.labels[index])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.description}: {len(self)} images, {self.num_classes} classes>"
+
+
+class ArrayImageDataset(LabeledDataset):
+    """Images held in a uint8 array [N, H, W] (grey) or [N, H, W, 3] (RGB)."""
+
+    def __init__(self, images: np.ndarray, labels, classes: Sequence[str], in_chans: int | None = None,
+                 transform: Callable | None = None, description: str = "array dataset"):
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim not in (3, 4):
+            raise DatasetError(f"{description}: images must be uint8 [N,H,W] or [N,H,W,3], got {images.dtype} {images.shape}")
+        labels = np.asarray(labels, dtype=np.int64)
+        if len(labels) != len(images):
+            raise DatasetError(f"{description}: {len(images)} images but {len(labels)} labels")
+        self.images, self.labels, self.classes = images, labels, list(classes)
+        self.in_chans, self.transform, self.description = in_chans, transform, description
+
+    def load_image(self, index: int) -> Image.Image:
+        array = self.images[index]
+        img = Image.fromarray(np.ascontiguousarray(array))  # uint8 [H,W] -> "L", [H,W,3] -> "RGB"
+        return convert_channels(img, self.in_chans)
+
+
+class ImageFileDataset(LabeledDataset):
+    """Images read lazily from files, with the bad-image policy ``on_bad_image`` (error|skip)."""
+
+    def __init__(self, paths: Sequence, labels, classes: Sequence[str], in_chans: int | None = None,
+                 on_bad_image: str = "error", transform: Callable | None = None,
+                 description: str = "image files"):
+        if on_bad_image not in ("error", "skip"):
+            raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+        paths = [Path(p) for p in paths]
+        labels = np.asarray(labels, dtype=np.int64)
+        if len(paths) != len(labels):
+            raise DatasetError(f"{description}: {len(paths)} files but {len(labels)} labels")
+        self.classes, self.in_chans, self.on_bad_image = list(classes), in_chans, on_bad_image
+        self.transform, self.description = transform, description
+        if on_bad_image == "skip":
+            keep = _readable(paths, description)
+            paths = [p for p, k in zip(paths, keep) if k]
+            labels = labels[np.asarray(keep, dtype=bool)] if len(labels) else labels
+        self.paths, self.labels = paths, labels
+
+    def _open(self, path: Path) -> Image.Image:
+        try:
+            with Image.open(path) as img:
+                img.load()
+                return convert_channels(img, self.in_chans)
+        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
+            raise BadImageError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
+
+    def load_image(self, index: int) -> Image.Image:
+        if self.on_bad_image == "error":
+            return self._open(self.paths[index])
+        for step in range(len(self.paths)):
+            path = self.paths[(index + step) % len(self.paths)]
+            try:
+                return self._open(path)
+            except BadImageError as exc:
+                log.warning("%s: skipping unreadable image %s", self.description, exc)
+        raise BadImageError(f"{self.description}: no readable image left")
+
+
+def _readable(paths: Sequence[Path], description: str) -> list[bool]:
+    """Check every file opens as an image (header + ``verify``); log each failure and a count."""
+    keep = []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                img.verify()
+            keep.append(True)
+        except Exception as exc:  # PIL raises many types for corrupt files
+            log.warning("%s: skipping unreadable image %s (%s: %s)", description, path, type(exc).__name__, exc)
+            keep.append(False)
+    skipped = keep.count(False)
+    if skipped:
+        log.warning("%s: skipped %d of %d images (data.on_bad_image: skip)", description, skipped, len(paths))
+    return keep
+
+
+class LabeledConcat(LabeledDataset):
+    """Concatenation of labelled datasets that share their class list."""
+
+    def __init__(self, parts: Sequence[LabeledDataset], transform: Callable | None = None,
+                 description: str | None = None):
+        if not parts:
+            raise DatasetError("nothing to concatenate")
+        self.parts = list(parts)
+        self.classes = list(parts[0].classes)
+        self.labels = np.concatenate([p.labels for p in parts]).astype(np.int64)
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])
+        self.transform = transform
+        self.description = description or " + ".join(p.description for p in parts)
+
+    def load_image(self, index: int) -> Image.Image:
+        part = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        return self.parts[part].load_image(index - int(self.offsets[part]))
+
+
+class LabeledSubset(LabeledDataset):
+    """The items of ``base`` at ``indices`` (e.g. a train/val carve-out)."""
+
+    def __init__(self, base: LabeledDataset, indices, transform: Callable | None = None,
+                 description: str | None = None):
+        self.base, self.indices = base, np.asarray(indices, dtype=np.int64)
+        self.labels, self.classes = base.labels[self.indices], list(base.classes)
+        self.transform = transform
+        self.description = description or f"subset of {base.description}"
+
+    def load_image(self, index: int) -> Image.Image:
+        return self.base.load_image(int(self.indices[index]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Builders
+# ---------------------------------------------------------------------------------------------
+
+
+def available_splits(data_cfg: dict) -> tuple[str, ...]:
+    """Split names ``build_dataset`` accepts for this dataset."""
+    return tuple(_SPLITS[data_cfg["name"]])
+
+
+def pretrain_split(data_cfg: dict) -> tuple[str, ...]:
+    """Splits whose images are used for self-supervised pretraining.
+
+    Training images only (flowers: official train + val, pets: trainval). With
+    ``data.transductive: true`` the test images are added as well, with a loud warning: the
+    model then sees (unlabelled) test images, as the official SCOTT code does.
+    """
+    splits = _PRETRAIN_SPLITS[data_cfg["name"]]
+    if data_cfg.get("transductive", False):
+        log.warning(
+            "TRANSDUCTIVE pretraining: data.transductive is true, the %s TEST images are used "
+            "(without labels) for self-supervised pretraining; results are not comparable to "
+            "inductive ones", data_cfg["name"],
+        )
+        splits = splits + ("test",)
+    return splits
+
+
+def build_dataset(data_cfg: dict, split: str, transform: Callable | None = None,
+                  in_chans: int | None = None) -> LabeledDataset:
+    """The ``split`` of dataset ``data_cfg["name"]`` (the recipe's ``data`` section).
+
+    Items are ``(PIL image, int label)`` (or ``(transform(image), label)``). ``in_chans``
+    (1 or 3) converts image channels; None keeps them.
+    """
+    name = data_cfg["name"]
+    if name not in _SPLITS:
+        raise DatasetError(f"unknown dataset '{name}'")
+    if split not in _SPLITS[name]:
+        hint = ("; probes carve a validation split from train with split_train_val"
+                if split == "val" else "")
+        raise DatasetError(f"{name}: no split '{split}' (splits: {', '.join(_SPLITS[name])}){hint}")
+    root = Path(data_cfg["root"]).expanduser() if data_cfg.get("root") else None
+    parts = [_load_stored(name, root, stored, data_cfg, in_chans) for stored in _SPLITS[name][split]]
+    dataset = parts[0] if len(parts) == 1 else LabeledConcat(parts, description=f"{name} {split}")
+    dataset.transform = transform
+    return dataset
+
+
+def build_pretrain_dataset(data_cfg: dict, transform: Callable | None = None,
+                           in_chans: int | None = None) -> LabeledDataset:
+    """All images of :func:`pretrain_split` in one dataset (labels kept, unused by pretraining)."""
+    splits = pretrain_split(data_cfg)
+    parts = [build_dataset(data_cfg, s, in_chans=in_chans) for s in splits]
+    dataset = parts[0] if len(parts) == 1 else LabeledConcat(parts, description=f"{data_cfg['name']} {'+'.join(splits)}")
+    dataset.transform = transform
+    return dataset
+
+
+def _load_stored(name: str, root: Path | None, stored: str, data_cfg: dict, in_chans) -> LabeledDataset:
+    policy = data_cfg.get("on_bad_image", "error")
+    download = bool(data_cfg.get("download", False))
+    if name in ("demo", "fashion_mnist"):
+        return _fashion_mnist(name, root or default_root(name), stored, download and name != "demo", in_chans)
+    if name in ("imagefolder", "imagenet100"):
+        if root is None:
+            if name == "imagefolder":
+                raise DatasetError("imagefolder: data.root is required")
+            root = default_root(name)
+        paths, labels, classes = scan_image_folder(root / stored)
+        return ImageFileDataset(paths, labels, classes, in_chans, policy, description=f"{name} {stored} ({root / stored})")
+    if name == "flowers":
+        return _torchvision_files("Flowers102", root or default_root(name), stored, download, in_chans, policy)
+    if name == "pets":
+        return _torchvision_files("OxfordIIITPet", root or default_root(name), stored, download, in_chans, policy)
+    raise DatasetError(f"unknown dataset '{name}'")  # pragma: no cover
+
+
+def _fashion_mnist(name: str, root: Path, stored: str, download: bool, in_chans) -> ArrayImageDataset:
+    stems = FASHION_MNIST_FILES[stored]
+    paths = [find_idx_file(root, s) for s in stems]
+    if None in paths and download:
+        import torchvision
+
+        try:
+            torchvision.datasets.FashionMNIST(str(root), train=(stored == "train"), download=True)
+        except Exception as exc:  # network errors come in many types
+            raise DatasetError(f"{name}: download of Fashion-MNIST into {root} failed ({exc})") from None
+        paths = [find_idx_file(root, s) for s in stems]
+    if None in paths:
+        missing = [s for s, p in zip(stems, paths) if p is None]
+        raise DatasetError(f"{name}: {root} lacks IDX files {', '.join(missing)} (set data.root or data.download: true)")
+    try:
+        images, labels = read_idx(paths[0]), read_idx(paths[1])
+    except IdxError as exc:
+        raise DatasetError(f"{name}: {exc}") from None
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DatasetError(f"{name}: {paths[0]} / {paths[1]} shapes {images.shape} / {labels.shape} do not match")
+    return ArrayImageDataset(images, labels, FASHION_MNIST_CLASSES, in_chans, description=f"{name} {stored}")
+
+
+def _torchvision_files(cls_name: str, root: Path, stored: str, download: bool, in_chans, policy) -> ImageFileDataset:
+    import torchvision
+
+    cls = getattr(torchvision.datasets, cls_name)
+    try:
+        tv = cls(str(root), split=stored, download=download)
+    except ImportError as exc:
+        raise DatasetError(f"{cls_name}: needs an extra package ({exc}); for Flowers102 install scipy") from None
+    except Exception as exc:  # missing files / failed download
+        raise DatasetError(
+            f"{cls_name} {stored}: cannot load from {root} ({exc}); set data.root to the folder holding "
+            "the data or data.download: true"
+        ) from None
+    paths = getattr(tv, "_image_files", None) or getattr(tv, "_images", None)
+    labels = getattr(tv, "_labels", None)
+    if paths is None or labels is None:  # pragma: no cover - torchvision internals changed
+        raise DatasetError(f"{cls_name}: unsupported torchvision version (no file list)")
+    classes = list(getattr(tv, "classes", [])) or [str(c) for c in range(int(max(labels)) + 1)]
+    return ImageFileDataset(paths, labels, classes, in_chans, policy, description=f"{cls_name} {stored} ({root})")
+
+
+def scan_image_folder(folder) -> tuple[list[Path], np.ndarray, list[str]]:
+    """(paths, labels, classes) of ``folder/<class>/<image>``; classes sorted by name.
+
+    Raises DatasetError when the folder is missing, has no class folders, or a class folder
+    holds no image (naming it).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: image folder does not exist")
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DatasetError(f"{folder}: no class folders (expected {folder}/<class>/<image>)")
+    paths, labels = [], []
+    for label, cls in enumerate(classes):
+        files = sorted(
+            p for p in (folder / cls).rglob("*")
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+        )
+        if not files:
+            raise DatasetError(f"{folder / cls}: class folder '{cls}' has no images ({', '.join(IMAGE_EXTENSIONS)})")
+        paths.extend(files)
+        labels.extend([label] * len(files))
+    return paths, np.asarray(labels, dtype=np.int64), classes
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks and splits
+# ---------------------------------------------------------------------------------------------
+
+
+def check_dataset_size(dataset, batch_size: int, what: str | None = None) -> None:
+    """Raise DatasetError when ``dataset`` is empty or smaller than one batch of ``batch_size``."""
+    what = what or getattr(dataset, "description", "dataset")
+    n = len(dataset)
+    if n == 0:
+        raise DatasetError(f"{what}: dataset is empty")
+    if n < batch_size:
+        raise DatasetError(
+            f"{what}: {n} images is fewer than one batch of {batch_size}; lower optim.batch_size "
+            "or use more data"
+        )
+
+
+def split_train_val(labels, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, deterministic split of indices ``0..len(labels)-1`` into (train, val).
+
+    Each class puts ``round(n_c * val_fraction)`` of its images in val (at least 1 and at most
+    n_c - 1 when it has 2 or more). Both index arrays are sorted and disjoint.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    val = []
+    for cls in np.unique(labels):
+        members = np.flatnonzero(labels == cls)
+        n_val = int(round(len(members) * val_fraction))
+        if len(members) >= 2:
+            n_val = min(max(n_val, 1), len(members) - 1)
+        else:
+            n_val = 0
+        val.append(rng.permutation(members)[:n_val])
+    val_idx = np.sort(np.concatenate(val)) if val else np.zeros(0, dtype=np.int64)
+    mask = np.ones(len(labels), dtype=bool)
+    mask[val_idx] = False
+    return np.flatnonzero(mask).astype(np.int64), val_idx.astype(np.int64)
