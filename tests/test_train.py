@@ -1,0 +1,207 @@
+"""Pretraining loop: data order, schedules, run folder, resume equality, NaN guard, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from scott import checkpoint as ck
+from scott.schedules import lr_at, momentum_at, wd_at
+from scott.train import (NonFiniteLossError, ProcessBatches, RunDirError, StepSampler,
+                         pretrain)
+from train_helpers import tiny_components, tiny_recipe
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _run(recipe, out, resume=False, **kw):
+    return pretrain(recipe, out, resume=resume, components=tiny_components(recipe, **kw))
+
+
+# ----------------------------------------------------------------------------- sampler
+def test_sampler_shards_partition_the_global_batch():
+    s = StepSampler(num_samples=50, global_batch=8, num_shards=4, seed=1)
+    assert s.steps_per_epoch == 6  # 50 // 8, tail of 2 dropped
+    for step in (0, 5, 6, 13):
+        shards = [s.shard(step, k) for k in range(4)]
+        flat = [i for sh in shards for _, i in sh]
+        assert all(len(sh) == 2 for sh in shards)
+        assert flat == s.global_indices(step).tolist()
+        assert all(e == step // 6 for sh in shards for e, _ in sh)
+    # one epoch visits 48 distinct images
+    seen = [i for step in range(6) for i in s.global_indices(step).tolist()]
+    assert len(set(seen)) == 48
+    # epochs use different permutations; the same seed gives the same order
+    assert s.permutation(0).tolist() != s.permutation(1).tolist()
+    assert StepSampler(50, 8, 4, 1).permutation(3).tolist() == s.permutation(3).tolist()
+    assert StepSampler(50, 8, 4, 2).permutation(3).tolist() != s.permutation(3).tolist()
+
+
+def test_global_batch_is_independent_of_process_layout():
+    a = StepSampler(40, 8, num_shards=1, seed=5)
+    b = StepSampler(40, 8, num_shards=4, seed=5)  # e.g. 2 processes x 2 accumulation steps
+    for step in range(12):
+        merged = [p for k in range(4) for p in b.shard(step, k)]
+        assert merged == a.shard(step, 0)
+
+
+def test_process_batches_resume_mid_epoch_skips_exactly_consumed_batches():
+    s = StepSampler(40, 8, num_shards=4, seed=0)  # 2 processes x 2 micro-batches
+    full = list(ProcessBatches(s, rank=1, accum_steps=2, start_step=0, end_step=9))
+    resumed = list(ProcessBatches(s, rank=1, accum_steps=2, start_step=3, end_step=9))
+    assert len(full) == 18 and resumed == full[6:]
+    assert full[0] == s.shard(0, 2) and full[1] == s.shard(0, 3)
+
+
+def test_sampler_rejects_indivisible_batch_and_tiny_dataset():
+    with pytest.raises(ValueError, match="divisible"):
+        StepSampler(40, 6, num_shards=4)
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        StepSampler(5, 8)
+
+
+# ----------------------------------------------------------------------------- run folder
+def test_run_folder_metrics_schedules_and_exports(tmp_path):
+    recipe = tiny_recipe()
+    summary = _run(recipe, tmp_path)
+    assert summary["steps"] == 6 and summary["start_step"] == 0
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6]
+    assert [r["epoch"] for r in lines] == [0, 0, 0, 0, 1, 1]  # 32 images / batch 8 = 4 steps per epoch
+    for r in lines:
+        s = r["step"] - 1
+        assert r["lr"] == pytest.approx(lr_at(s, 6, 4, recipe["optim"]))
+        assert r["wd"] == pytest.approx(wd_at(s, 6, recipe["optim"]))
+        assert r["momentum"] == pytest.approx(momentum_at(s, 6, recipe["objective"]))
+        assert math.isfinite(r["loss"]) and r["images_per_s"] > 0 and r["data_wait_s"] >= 0
+    assert lines[-1]["loss"] == pytest.approx(summary["final_loss"])
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["step_00000003", "step_00000006"]
+    assert any((tmp_path / "tb").iterdir())
+    assert (tmp_path / "recipe.yaml").is_file()
+
+    # the exported target encoder is the EMA target of the last checkpoint, with metadata
+    state, model_cfg, spec, extra = ck.load_encoder_file(tmp_path / "encoder.safetensors")
+    assert model_cfg == recipe["model"] and spec == {"size": 16}
+    assert extra["which"] == "target" and extra["step"] == 6
+    weights, _ = ck.load_tensors(tmp_path / "checkpoints" / "step_00000006" / "model.safetensors")
+    for key, value in state.items():
+        assert torch.equal(weights[f"target_encoder.{key}"], value)
+    ctx, _, _, extra = ck.load_encoder_file(tmp_path / "context_encoder.safetensors")
+    assert extra["which"] == "context"
+    for key, value in ctx.items():
+        assert torch.equal(weights[f"context_encoder.{key}"], value)
+    # the EMA target moved away from its initialisation but is not the context encoder
+    assert any(not torch.equal(ctx[k], state[k]) for k in state)
+
+
+def test_weight_decay_only_on_matrices(tmp_path):
+    from scott.train import PretrainRun
+
+    recipe = tiny_recipe()
+    run = PretrainRun(recipe, tmp_path, components=tiny_components(recipe))
+    run._apply_schedule({"lr": 0.1, "wd": 0.3, "momentum": 0.99})
+    for group in run.optimizer.param_groups:
+        ndims = {p.ndim for p in group["params"]}
+        if group["apply_wd"]:
+            assert group["weight_decay"] == 0.3 and min(ndims) >= 2
+        else:
+            assert group["weight_decay"] == 0.0 and 1 in ndims
+        assert group["lr"] == 0.1
+
+
+def test_fresh_run_refuses_folder_with_checkpoints(tmp_path):
+    recipe = tiny_recipe(train={"max_steps": 3})
+    _run(recipe, tmp_path)
+    with pytest.raises(RunDirError, match="--resume"):
+        _run(recipe, tmp_path)
+
+
+def test_indivisible_global_batch_is_an_error(tmp_path):
+    recipe = tiny_recipe(optim={"accum_steps": 2})
+    recipe["optim"]["batch_size"] = 9  # scott.config rejects this too; the run checks processes x accum
+    with pytest.raises(RunDirError, match="not divisible"):
+        _run(recipe, tmp_path)
+
+
+# ----------------------------------------------------------------------------- resume
+def test_resume_from_mid_run_checkpoint_is_bit_identical(tmp_path):
+    """Run 7 steps; then drop everything after the step-3 checkpoint and resume: same weights."""
+    recipe = tiny_recipe(train={"max_steps": 7, "checkpoint_every": 3}, optim={"accum_steps": 2})
+    full = tmp_path / "full"
+    _run(recipe, full)
+    expected, _ = ck.load_tensors(full / "checkpoints" / "step_00000007" / "model.safetensors")
+    expected_metrics = (full / "metrics.jsonl").read_text().splitlines()
+
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    for name in ("step_00000006", "step_00000007"):
+        shutil.rmtree(cut / "checkpoints" / name)
+    (cut / "encoder.safetensors").unlink()
+    # a torn later checkpoint must be skipped, not used
+    (cut / "checkpoints" / "step_00000006").mkdir()
+    summary = _run(recipe, cut, resume=True)
+    assert summary["start_step"] == 3
+
+    got, _ = ck.load_tensors(cut / "checkpoints" / "step_00000007" / "model.safetensors")
+    assert set(got) == set(expected)
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+    # optimiser state too
+    a = ck.load_torch_state(full / "checkpoints" / "step_00000007" / "optimizer.pt")
+    b = ck.load_torch_state(cut / "checkpoints" / "step_00000007" / "optimizer.pt")
+    for pid, st in a["state"].items():
+        assert torch.equal(st["exp_avg_sq"], b["state"][pid]["exp_avg_sq"])
+    # the metrics log is continued, not duplicated, and the losses match
+    resumed = (cut / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in resumed] == list(range(1, 8))
+    assert [json.loads(x)["loss"] for x in resumed] == [json.loads(x)["loss"] for x in expected_metrics]
+
+
+def test_resume_with_only_torn_checkpoints_is_an_error(tmp_path):
+    recipe = tiny_recipe(train={"max_steps": 3})
+    (tmp_path / "checkpoints" / "step_00000002").mkdir(parents=True)
+    with pytest.raises(ck.CheckpointError, match="none is complete"):
+        _run(recipe, tmp_path, resume=True)
+
+
+def test_resume_without_checkpoints_starts_at_zero(tmp_path):
+    recipe = tiny_recipe(train={"max_steps": 2})
+    assert _run(recipe, tmp_path, resume=True)["start_step"] == 0
+
+
+# ----------------------------------------------------------------------------- NaN guard
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    recipe = tiny_recipe(train={"max_steps": 8, "checkpoint_every": 2})
+    parts = tiny_components(recipe)
+    objective = parts.objective
+    calls = {"n": 0}
+    original = objective.forward
+
+    def poisoned(*args, **kwargs):
+        loss, stats = original(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 5 else loss), stats
+
+    objective.forward = poisoned
+    with pytest.raises(NonFiniteLossError, match="step 5") as info:
+        pretrain(recipe, tmp_path, components=parts)
+    assert info.value.step == 5
+    assert info.value.last_checkpoint.name == "step_00000004"
+    assert "step_00000004" in str(info.value)
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["step_00000002", "step_00000004"]
+    assert ck.find_last_complete(tmp_path).name == "step_00000004"
+    weights, _ = ck.load_tensors(tmp_path / "checkpoints" / "step_00000004" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    assert not (tmp_path / "encoder.safetensors").exists()
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
