@@ -1,0 +1,269 @@
+"""What the evaluation CLIs share: where the encoder and the data come from, result records.
+
+An evaluation "source" is one of
+    * a run folder (or an exported ``*.safetensors`` file) -> the trained encoder, its recipe,
+    * ``--random-init RECIPE``                               -> an untrained encoder of that recipe,
+    * ``--pixels RECIPE-or-data-name``                       -> raw normalised pixels.
+
+Nothing here reads ``sys.argv``: the CLIs in ``tools/`` parse arguments (with the options added
+by :func:`add_source_args`) and call these functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from scott.eval.features import PixelEncoder, cached_features, extract_features, feature_cache_key, load_encoder
+
+__all__ = [
+    "EvalSource",
+    "add_source_args",
+    "source_from_args",
+    "load_run_source",
+    "random_init_source",
+    "pixel_source",
+    "eval_datasets",
+    "limit_dataset",
+    "features_for",
+    "result_record",
+    "write_json",
+    "default_json_path",
+]
+
+TRAIN_SPLIT = "trainval"  # every labelled non-test image (probes carve their validation from it)
+REPO_RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+# Native size of datasets whose images are small, for the raw-pixel baseline given a data name.
+_PIXEL_NATIVE = {"demo": (28, 1), "fashion_mnist": (28, 1)}
+
+
+@dataclass
+class EvalSource:
+    """An encoder to evaluate with the recipe that says which data it belongs to."""
+
+    encoder: nn.Module
+    recipe: dict
+    description: str
+    kind: str  # "run" | "random_init" | "pixels"
+    encoder_path: Path | None = None
+    run_dir: Path | None = None
+    info: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- sources
+def _load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> dict:
+    from scott.config import load_recipe
+
+    return load_recipe(path, overrides)
+
+
+def load_run_source(path: str | Path, which: str = "target", overrides: Sequence[str] = (),
+                    device=None, backend: str | None = None) -> EvalSource:
+    """Trained encoder of a run folder (or exported file) and the run's ``recipe.yaml``."""
+    from scott.config import RecipeError
+
+    path = Path(path)
+    if not path.exists():
+        raise RecipeError(f"{path}: no such run folder or encoder file")
+    run_dir = path if path.is_dir() else path.parent
+    recipe_path = run_dir / "recipe.yaml"
+    if not recipe_path.is_file():
+        raise RecipeError(f"{recipe_path}: run recipe not found (is {run_dir} a run folder?)")
+    recipe = _load_recipe(recipe_path, overrides)
+    try:
+        encoder = load_encoder(path, which=which, device=device, backend=backend)
+    except FileNotFoundError as exc:
+        raise RecipeError(f"{exc} (has the run finished and exported its encoders?)") from None
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from None
+    return EvalSource(encoder, recipe, f"{which} encoder of {path}", "run",
+                      encoder_path=Path(encoder.source_path), run_dir=run_dir, info={"which": which})
+
+
+def random_init_source(recipe_path: str | Path, overrides: Sequence[str] = (), seed: int = 0,
+                       device=None, backend: str | None = None) -> EvalSource:
+    """An untrained encoder built from a recipe (weights drawn from ``seed``)."""
+    from scott.data.transforms import eval_transform_spec
+    from scott.models import build_encoder
+
+    recipe = _load_recipe(recipe_path, overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = build_encoder(recipe["model"], backend=backend)
+    encoder.eval_transform_spec = eval_transform_spec(recipe["model"])
+    encoder.model_cfg = dict(recipe["model"])
+    if device is not None:
+        encoder.to(device)
+    return EvalSource(encoder.eval(), recipe, f"random-init encoder of {recipe_path} (seed {seed})",
+                      "random_init", info={"init_seed": seed})
+
+
+def pixel_source(recipe_or_data: str, overrides: Sequence[str] = ()) -> EvalSource:
+    """Raw-pixel baseline: a recipe file, a recipe name in ``recipes/``, or a dataset name.
+
+    With a dataset name the pixels are taken at the dataset's native size for small images
+    (28 px grey for demo / fashion_mnist), otherwise at the recipe defaults.
+    """
+    from scott.config import RecipeError, resolve_recipe
+    from scott.data.transforms import eval_transform_spec
+
+    path = Path(recipe_or_data)
+    if path.is_file():
+        recipe = _load_recipe(path, overrides)
+    elif (REPO_RECIPES / f"{recipe_or_data}.yaml").is_file():
+        recipe = _load_recipe(REPO_RECIPES / f"{recipe_or_data}.yaml", overrides)
+    else:
+        if recipe_or_data not in _data_names():
+            raise RecipeError(f"--pixels {recipe_or_data}: neither a recipe file nor a dataset name "
+                              f"({', '.join(_data_names())})")
+        raw: dict[str, Any] = {"data": {"name": recipe_or_data}}
+        if recipe_or_data in _PIXEL_NATIVE:
+            size, chans = _PIXEL_NATIVE[recipe_or_data]
+            raw["model"] = {"img_size": size, "in_chans": chans, "patch_size": 4, "tokenizer": "small"}
+        recipe = resolve_recipe(raw, source=f"--pixels {recipe_or_data}", overrides=overrides,
+                                name=recipe_or_data)
+    spec = eval_transform_spec(recipe["model"])
+    encoder = PixelEncoder(recipe["model"]["in_chans"], spec)
+    return EvalSource(encoder, recipe, f"raw pixels ({spec['in_chans']}x{spec['img_size']}x{spec['img_size']})",
+                      "pixels", info={"pixels": recipe_or_data})
+
+
+def _data_names() -> list[str]:
+    from scott.config import SCHEMA
+
+    field_spec = SCHEMA["data"]["name"]
+    choices = getattr(field_spec, "choices", None)
+    return list(choices) if choices else ["demo", "fashion_mnist", "flowers", "pets", "imagenet100", "imagefolder"]
+
+
+def add_source_args(parser: argparse.ArgumentParser, which: bool = True) -> None:
+    """Options every evaluation CLI shares (positional RUN_DIR, --random-init, --pixels, ...)."""
+    parser.add_argument("run_dir", nargs="?", help="run folder (or an exported encoder .safetensors file)")
+    if which:
+        parser.add_argument("--which", choices=["target", "context"], default="target",
+                            help="which exported encoder to evaluate (default: target)")
+    parser.add_argument("--random-init", metavar="RECIPE", help="evaluate an untrained encoder of RECIPE")
+    parser.add_argument("--pixels", metavar="RECIPE_OR_DATA", help="evaluate raw pixels (baseline)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a recipe value (e.g. data.root=/data/fmnist); repeatable")
+    parser.add_argument("--json", metavar="FILE", help="write results as JSON (default: RUN_DIR/eval/<tool>.json)")
+    parser.add_argument("--seed", type=int, default=0, help="seed (subsets, splits, probe init) [0]")
+    parser.add_argument("--batch-size", type=int, default=128, help="feature extraction batch size [128]")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--backend", default=None, help="override the tokenizer backend (dense|tiles|spconv)")
+    parser.add_argument("--limit-train", type=int, default=None, metavar="N",
+                        help="use a seeded random subset of N labelled train images")
+    parser.add_argument("--limit-test", type=int, default=None, metavar="N",
+                        help="use a seeded random subset of N test images")
+    parser.add_argument("--num-workers", type=int, default=0, help="data loader workers [0]")
+
+
+def source_from_args(args: argparse.Namespace) -> EvalSource:
+    """The one source named by parsed CLI arguments (exactly one of RUN_DIR, --random-init, --pixels)."""
+    from scott.config import RecipeError
+
+    given = [n for n, v in (("RUN_DIR", args.run_dir), ("--random-init", args.random_init),
+                            ("--pixels", args.pixels)) if v]
+    if len(given) != 1:
+        raise RecipeError(f"give exactly one of RUN_DIR, --random-init RECIPE, --pixels RECIPE_OR_DATA "
+                          f"(got {', '.join(given) or 'none'})")
+    device = resolve_device(args.device)
+    if args.run_dir:
+        return load_run_source(args.run_dir, getattr(args, "which", "target"), args.overrides, device, args.backend)
+    if args.random_init:
+        return random_init_source(args.random_init, args.overrides, args.seed, device, args.backend)
+    return pixel_source(args.pixels, args.overrides)
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ----------------------------------------------------------------------------- data
+def eval_datasets(recipe: dict, in_chans: int | None = None):
+    """(labelled train split, test split) of the recipe's dataset: ``trainval`` and ``data.eval_split``."""
+    from scott.config import RecipeError
+    from scott.data.datasets import DatasetError, build_dataset
+
+    data_cfg = recipe["data"]
+    try:
+        train = build_dataset(data_cfg, TRAIN_SPLIT, in_chans=in_chans)
+        test = build_dataset(data_cfg, data_cfg.get("eval_split", "test"), in_chans=in_chans)
+    except (DatasetError, FileNotFoundError) as exc:
+        raise RecipeError(f"data {data_cfg['name']!r}: {exc}") from None
+    return train, test
+
+
+def limit_dataset(dataset, limit: int | None, seed: int):
+    """A seeded random subset of ``limit`` items (the whole dataset when ``limit`` is None)."""
+    if limit is None or limit >= len(dataset):
+        return dataset
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    gen = torch.Generator().manual_seed(seed)
+    index = torch.randperm(len(dataset), generator=gen)[:limit].sort().values.tolist()
+    return torch.utils.data.Subset(dataset, index)
+
+
+def features_for(source: EvalSource, dataset, split_tag: str, pool: str, batch_size: int,
+                 device=None, cache_dir: str | Path | None = None, num_workers: int = 0):
+    """Features of ``dataset`` for ``source`` (cached on disk when the encoder is a file)."""
+    def compute():
+        return extract_features(source.encoder, dataset, pool=pool, batch_size=batch_size, device=device,
+                                num_workers=num_workers, description=f"{split_tag} ({pool})")
+
+    if cache_dir is None or source.encoder_path is None:
+        return compute()
+    key = feature_cache_key(source.encoder_path, split_tag, pool, extra=[str(len(dataset))])
+    return cached_features(cache_dir, key, compute)
+
+
+# ----------------------------------------------------------------------------- results
+def result_record(tool: str, source: EvalSource, command: str, seed: int, n_train: int, n_test: int,
+                  results: dict, extra: dict | None = None) -> dict:
+    """A JSON-able record: results plus everything needed to reproduce them."""
+    data_cfg = source.recipe["data"]
+    return {
+        "tool": tool,
+        **results,
+        "n_train": n_train,
+        "n_test": n_test,
+        "encoder": source.description,
+        "source": source.kind,
+        **({"which": source.info["which"]} if "which" in source.info else {}),
+        "data": data_cfg["name"],
+        "train_split": TRAIN_SPLIT,
+        "test_split": data_cfg.get("eval_split", "test"),
+        "command": command,
+        "seed": seed,
+        "recipe": source.recipe,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        **(extra or {}),
+    }
+
+
+def default_json_path(source: EvalSource, tool: str) -> Path | None:
+    """``RUN_DIR/eval/<tool>_<which>.json`` for run sources, None otherwise."""
+    if source.run_dir is None:
+        return None
+    return source.run_dir / "eval" / f"{tool}_{source.info.get('which', 'target')}.json"
+
+
+def write_json(path: str | Path, record: dict) -> Path:
+    """Write ``record`` as indented JSON (parents created, atomic rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,81 @@
+#!/usr/bin/env python
+"""Weighted kNN (DINO) evaluation of a pretrained encoder, an untrained one, or raw pixels.
+
+    python tools/eval_knn.py runs/demo                      # target encoder, k = 10 20 100 200
+    python tools/eval_knn.py runs/demo --which context --k 20 --json knn.json
+    python tools/eval_knn.py --random-init recipes/demo.yaml
+    python tools/eval_knn.py --pixels demo
+
+Memory bank: the labelled train split (``trainval``) of the recipe's dataset; queries: its
+``data.eval_split`` (test). Average-pooled patch tokens, L2-normalised, cosine, exp(s/T) votes.
+"""
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from scott.config import run_cli  # noqa: E402
+from scott.eval.knn import knn_classify_many  # noqa: E402
+from scott.eval.runs import (  # noqa: E402
+    add_source_args, default_json_path, eval_datasets, features_for, limit_dataset, resolve_device,
+    result_record, source_from_args, write_json,
+)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_source_args(parser)
+    parser.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200], help="neighbour counts")
+    parser.add_argument("--temperature", type=float, default=0.07, help="vote temperature T [0.07]")
+    parser.add_argument("--cache-dir", default=None, help="feature cache folder (default: none)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    console = Console()
+    if any(k < 1 for k in args.k) or args.temperature <= 0:
+        console.print("[red]error:[/] --k values must be >= 1 and --temperature > 0")
+        return 2
+    source = source_from_args(args)
+    device = resolve_device(args.device)
+    train, test = eval_datasets(source.recipe)
+    train = limit_dataset(train, args.limit_train, args.seed)
+    test = limit_dataset(test, args.limit_test, args.seed)
+    name = source.recipe["data"]["name"]
+    xb, yb = features_for(source, train, f"{name}-trainval", "avg", args.batch_size, device, args.cache_dir,
+                          args.num_workers)
+    xq, yq = features_for(source, test, f"{name}-test", "avg", args.batch_size, device, args.cache_dir,
+                          args.num_workers)
+    results = knn_classify_many(xb, yb, xq, yq, ks=args.k, temperature=args.temperature)
+
+    table = Table(title=f"weighted kNN: {source.description}",
+                  caption=f"{name}: {len(yb)} train / {len(yq)} test, T={args.temperature}")
+    table.add_column("k", justify="right")
+    table.add_column("top-1 %", justify="right")
+    table.add_column("top-5 %", justify="right")
+    for k, (top1, top5) in results.items():
+        table.add_row(str(k), f"{100 * top1:.2f}", f"{100 * top5:.2f}")
+    console.print(table)
+
+    record = result_record(
+        "eval_knn", source, shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(argv),
+        args.seed, len(yb), len(yq),
+        {"k": {str(k): {"top1": t1, "top5": t5} for k, (t1, t5) in results.items()},
+         "temperature": args.temperature, "pool": "avg"},
+        {"limit_train": args.limit_train, "limit_test": args.limit_test},
+    )
+    out = args.json or default_json_path(source, "knn")
+    if out:
+        console.print(f"results -> {write_json(out, record)}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
