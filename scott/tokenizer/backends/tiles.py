@@ -1,0 +1,86 @@
+"""Pure-PyTorch sparse backend: computes only the visible patches, exactly.
+
+Each layer's activation is a stack of visible tiles ``[Nv, t, t, C]`` (channels-last; one tile
+per visible patch, ``t`` = the patch's footprint at that layer's resolution). A layer reads a
+halo around each tile from the VISIBLE neighbour tiles only (zeros for masked or outside
+neighbours), which is exactly the dense-masked meaning of
+:mod:`scott.tokenizer.backends.dense`: inside a visible tile every site is visible, so no
+re-masking is needed.
+
+Per layer:
+
+* first conv: gathered straight from the masked, padded image (one im2col GEMM over the
+  windows of visible patches only);
+* a conv whose input tiles are small next to its kernel (e.g. SCOTT's 64 -> 384 7x7 stride-2
+  conv on 4x4 tiles, ~90 % of the work): GEMM pieces, one per neighbour direction and tap
+  block, computed only for tiles whose neighbour there is visible (true submanifold work);
+* any other conv: halo-padded tiles, im2col, one GEMM;
+* max-pool / blur: halo-padded tiles and shifted slices; activations: element-wise.
+
+Halos may reach past the direct neighbours (e.g. a 7x7 conv on 1x1 tiles): every op takes the
+neighbour radius it needs.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._tiles_grid import TileGrid, halo_of
+from ._tiles_ops import (blur_tiles, conv_from_image, conv_im2col, conv_pieces, maxpool_tiles,
+                         pad_tiles, pieces_plan, tiles_to_grid)
+
+__all__ = ["available", "run"]
+
+# A conv is computed as GEMM pieces when it needs at most this many of them (small tiles);
+# larger tiles (many distinct windows per tile) use one im2col GEMM on halo-padded tiles.
+MAX_PIECES = 40
+
+
+def available() -> tuple[bool, str]:
+    return True, ""
+
+
+def _conv(x: torch.Tensor, grid: TileGrid, conv) -> torch.Tensor:
+    t = x.shape[1]
+    plan = pieces_plan(t, conv.k, conv.s, conv.p)
+    if len(plan) <= MAX_PIECES and conv.k > conv.s:
+        return conv_pieces(x, grid, conv, plan)
+    before, after = halo_of(conv)
+    return conv_im2col(pad_tiles(x, grid, before, after), conv)
+
+
+def _act(x: torch.Tensor, layer) -> torch.Tensor:
+    return torch.relu(x) if layer.name == "relu" else torch.nn.functional.gelu(x)
+
+
+def run(layers, images: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """``[B, D, gh, gw]`` tokens of the visible patches (exact zeros at masked ones)."""
+    if visible is None:
+        raise ValueError("the tiles backend needs a visibility mask (use the dense backend for None)")
+    b, _, h, w = images.shape
+    grid = TileGrid(visible.to(images.device))
+    layers = list(layers)
+    first = layers[0]
+    if first.kind == "conv":
+        x = conv_from_image(images, grid, first)
+        rest = layers[1:]
+    else:  # a stack that does not start with a conv: cut the masked image into tiles
+        p = h // grid.gh
+        x = images.permute(0, 2, 3, 1).reshape(b, grid.gh, p, grid.gw, p, -1)
+        x = x.permute(0, 1, 3, 2, 4, 5)[grid.b, grid.gy, grid.gx]
+        rest = layers
+    for layer in rest:
+        kind = layer.kind
+        if kind == "act":
+            x = _act(x, layer)
+        elif kind == "conv":
+            x = _conv(x, grid, layer)
+        elif kind == "maxpool":
+            x = maxpool_tiles(pad_tiles(x, grid, 0, 1))
+        elif kind == "blur":
+            before, after = halo_of(layer)
+            x = blur_tiles(pad_tiles(x, grid, before, after), layer.s)
+        else:
+            raise ValueError(f"tiles backend: unknown layer kind {kind!r}")
+    if x.shape[1] != 1 or x.shape[2] != 1:
+        raise ValueError(f"the stack leaves {x.shape[1]}x{x.shape[2]} sites per patch, expected 1")
+    return tiles_to_grid(x, grid)
