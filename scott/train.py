@@ -43,8 +43,11 @@ __all__ = [
     "pretrain",
     "resolve_output_dir",
     "param_groups",
+    "knn_sets",
     "knn_monitor",
     "compare_with_random_init",
+    "build_components",
+    "Components",
 ]
 
 MODEL_FILE = "model.safetensors"
@@ -208,22 +211,25 @@ class Components:
 
 
 def build_components(recipe: Mapping) -> Components:
-    """Objective, pretraining dataset and mask function from the library modules."""
-    from scott.data import build_pretrain_dataset, eval_transform_spec
+    """Objective, pretraining dataset (two seeded views per image) and mask function."""
+    from scott.data import (PretrainDataset, build_pretrain_dataset, build_pretrain_transform,
+                            check_dataset_size, eval_transform_spec)
     from scott.masks import build_mask_generator, masks_for_step
     from scott.objectives import build_objective
 
     model_cfg = recipe["model"]
     grid = (model_cfg["img_size"] // model_cfg["patch_size"],) * 2
     gen = build_mask_generator(recipe["mask"], grid)
-    dataset = build_pretrain_dataset(recipe)
+    base = build_pretrain_dataset(recipe["data"], in_chans=model_cfg["in_chans"])
+    check_dataset_size(base, int(recipe["optim"]["batch_size"]), "pretraining data")
+    dataset = PretrainDataset(base, build_pretrain_transform(recipe), seed=int(recipe["train"]["seed"]))
     objective = build_objective(recipe)
 
     def mask_fn(batch, seed, step, shard):
         return masks_for_step(gen, batch, seed, step, shard)
 
     return Components(objective=objective, dataset=dataset, num_samples=len(dataset), mask_fn=mask_fn,
-                      eval_transform_spec=eval_transform_spec(recipe))
+                      eval_transform_spec=eval_transform_spec(model_cfg))
 
 
 def _encoders(objective: nn.Module) -> dict[str, nn.Module]:
@@ -547,24 +553,36 @@ def _print_summary(summary: Mapping[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- kNN monitor / payoff
-def _labelled_split(recipe: Mapping, split: str):
-    from scott.data import build_dataset
+def knn_sets(recipe: Mapping, query_split: str = "val"):
+    """(memory bank, queries) labelled datasets for kNN.
 
-    return build_dataset(recipe["data"], split)
+    ``"val"`` without an official validation split is carved from train with
+    ``data.val_fraction`` (seed ``train.seed``); the bank is then the rest of train. Other
+    splits are queried against the whole train split.
+    """
+    from scott.data import build_dataset, split_train_val
+    from scott.data.datasets import LabeledSubset, available_splits
+
+    data_cfg, in_chans = recipe["data"], recipe["model"]["in_chans"]
+    train = build_dataset(data_cfg, "train", in_chans=in_chans)
+    if query_split == "val" and "val" not in available_splits(data_cfg):
+        fit, val = split_train_val(train.labels, float(data_cfg["val_fraction"]), int(recipe["train"]["seed"]))
+        return (LabeledSubset(train, fit, description="train (fit part)"),
+                LabeledSubset(train, val, description="val (carved from train)"))
+    return train, build_dataset(data_cfg, query_split, in_chans=in_chans)
 
 
 def knn_monitor(encoder: nn.Module, recipe: Mapping, eval_transform_spec: Mapping | None,
-                k: int | None = None, query_split: str = "val", device=None) -> float:
-    """kNN top-1 of avg-pooled features: labelled train split as memory bank, ``query_split`` queried.
+                k: int | None = None, query_split: str = "val", device=None, sets=None) -> float:
+    """Weighted-kNN top-1 of avg-pooled ``encoder`` features (train bank, ``query_split`` queries).
 
-    Used online during pretraining (``train.monitor_every``); the default query split is the
-    validation split so that monitoring never looks at the test split.
+    Used online during pretraining (``train.monitor_every``) with the validation split, so the
+    monitor never looks at the test split. ``sets`` reuses ``knn_sets`` output.
     """
     from scott.eval.features import extract_features
     from scott.eval.knn import knn_classify
 
-    bank_split = "fit" if query_split == "val" else "train"
-    bank, query = _labelled_split(recipe, bank_split), _labelled_split(recipe, query_split)
+    bank, query = sets or knn_sets(recipe, query_split)
     had = getattr(encoder, "eval_transform_spec", None)
     encoder.eval_transform_spec = dict(eval_transform_spec) if eval_transform_spec else had
     try:
@@ -593,8 +611,9 @@ def compare_with_random_init(run_dir: str | Path, recipe: Mapping, k: int | None
     random_init.model_cfg = dict(recipe["model"])
     spec = trained.eval_transform_spec
     k = int(k or recipe["train"]["monitor_k"])
-    return {"pretrained": knn_monitor(trained, recipe, spec, k, split, device),
-            "random_init": knn_monitor(random_init, recipe, spec, k, split, device),
+    sets = knn_sets(recipe, split)
+    return {"pretrained": knn_monitor(trained, recipe, spec, k, split, device, sets),
+            "random_init": knn_monitor(random_init, recipe, spec, k, split, device, sets),
             "k": k, "split": split}
 
 
@@ -620,7 +639,7 @@ def pretrain(recipe: Mapping, output_dir: str | Path, resume: bool = False, acce
     t_start = time.perf_counter()
     images = 0
     loss_value = float("nan")
-    knn_last = None
+    knn_last = monitor_sets = None
     try:
         for step in range(start, total):
             t0 = time.perf_counter()
@@ -638,8 +657,9 @@ def pretrain(recipe: Mapping, output_dir: str | Path, resume: bool = False, acce
             epoch_end = done % run.steps_per_epoch == 0
             if monitor_every and epoch_end and (done // run.steps_per_epoch) % monitor_every == 0:
                 if run.is_main:
-                    knn_last = knn_monitor(_encoders(run.objective)["target"], recipe,
-                                           run.parts.eval_transform_spec, device=run.acc.device)
+                    monitor_sets = monitor_sets or knn_sets(recipe, "val")
+                    knn_last = knn_monitor(_encoders(run.objective)["target"], recipe, run.parts.eval_transform_spec,
+                                           device=run.acc.device, sets=monitor_sets)
                     record["knn_top1"] = knn_last
                 run.model.train()
                 run.acc.wait_for_everyone()
@@ -658,6 +678,7 @@ def pretrain(recipe: Mapping, output_dir: str | Path, resume: bool = False, acce
                "epochs": total / run.steps_per_epoch, "final_loss": loss_value,
                "images_per_s": images / wall if wall > 0 else 0.0, "wall_s": wall,
                "processes": run.acc.num_processes, "global_batch": run.global_batch,
+               "is_main_process": run.is_main, "device": str(run.acc.device),
                "encoder": str(paths["target"]), "context_encoder": str(paths["context"]),
                "last_checkpoint": str(run.last_checkpoint)}
     if knn_last is not None:
