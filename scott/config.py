@@ -258,10 +258,11 @@ def resolve_recipe(
     if not isinstance(raw, dict):
         raise RecipeError(f"{source}: top level must be a mapping of sections, got {_describe(raw)}")
     raw = copy.deepcopy(raw)
-    explicit: set[tuple[str, str]] = set()
-
     recipe = default_recipe()
     recipe["name"] = name
+    # (section, key) -> (value, where it came from); overrides replace file values before
+    # validation, so an override can fix a bad value in the file.
+    entries: dict[tuple[str, str], tuple[Any, str]] = {}
     for section, body in raw.items():
         if section == "name":
             if not isinstance(body, str) or not body:
@@ -274,14 +275,15 @@ def resolve_recipe(
         if not isinstance(body, dict):
             raise RecipeError(f"{source}: {section}: expected a mapping of keys, got {_describe(body)}")
         for key, value in body.items():
-            recipe[section][key] = _check_value(section, key, value, source)
-            explicit.add((section, key))
-
+            _check_key_name(section, key, source)
+            entries[(section, key)] = (value, source)
     for text in overrides:
         section, key, value = parse_override(text, source)
-        where = f"{source}: override '{text}'"
+        entries[(section, key)] = (value, f"{source}: override '{text}'")
+
+    for (section, key), (value, where) in entries.items():
         recipe[section][key] = _check_value(section, key, value, where)
-        explicit.add((section, key))
+    explicit = set(entries)
 
     _apply_size_preset(recipe, explicit)
     if recipe["model"]["predictor_dim"] is None:
