@@ -1,0 +1,78 @@
+"""Schedules: values at known steps and monotonic pieces."""
+import math
+
+import pytest
+
+from scott.schedules import linear_at, lr_at, momentum_at, warmup_steps, wd_at
+
+OPT = {"lr": 5e-4, "start_lr": 1e-6, "min_lr": 1e-5, "warmup_epochs": 4, "flat_fraction": 0.5,
+       "weight_decay": 0.04, "weight_decay_end": 0.4}
+SPE = 10          # steps per epoch
+TOTAL = 240       # warm-up 40 steps, flat 100, cosine 100
+
+
+def test_lr_known_points():
+    assert lr_at(0, TOTAL, SPE, OPT) == pytest.approx(1e-6)
+    assert lr_at(20, TOTAL, SPE, OPT) == pytest.approx(1e-6 + (5e-4 - 1e-6) / 2)
+    assert lr_at(40, TOTAL, SPE, OPT) == pytest.approx(5e-4)        # end of warm-up
+    assert lr_at(139, TOTAL, SPE, OPT) == pytest.approx(5e-4)       # last flat step
+    assert lr_at(140, TOTAL, SPE, OPT) == pytest.approx(5e-4)       # cosine starts at the peak
+    t = 33  # cosine phase: 100 steps, progress t / 99
+    assert lr_at(140 + t, TOTAL, SPE, OPT) == pytest.approx(1e-5 + (5e-4 - 1e-5) * (1 + math.cos(math.pi / 3)) / 2)
+    assert lr_at(TOTAL - 1, TOTAL, SPE, OPT) == pytest.approx(1e-5)  # ends at min_lr
+    assert lr_at(TOTAL + 50, TOTAL, SPE, OPT) == pytest.approx(1e-5)
+
+
+def test_lr_monotonic_pieces():
+    lrs = [lr_at(s, TOTAL, SPE, OPT) for s in range(TOTAL)]
+    warm, flat, cos = lrs[:41], lrs[40:140], lrs[140:]
+    assert all(b > a for a, b in zip(warm, warm[1:]))
+    assert len(set(flat)) == 1
+    assert all(b < a for a, b in zip(cos, cos[1:]))
+    assert max(lrs) == pytest.approx(5e-4) and min(lrs) == pytest.approx(1e-6)
+
+
+def test_lr_cosine_shape():
+    # a quarter into the cosine: min + (peak - min) * (1 + cos(pi/4)) / 2
+    opt = dict(OPT, flat_fraction=0.0, warmup_epochs=0)
+    q = lr_at(25, 101, SPE, opt)
+    assert q == pytest.approx(1e-5 + (5e-4 - 1e-5) * (1 + math.cos(math.pi / 4)) / 2)
+
+
+def test_run_shorter_than_warmup():
+    opt = dict(OPT, warmup_epochs=100)            # 1000 warm-up steps, run of 50
+    assert warmup_steps(50, SPE, 100) == 50
+    lrs = [lr_at(s, 50, SPE, opt) for s in range(50)]
+    assert lrs[0] == pytest.approx(1e-6)
+    assert all(b > a for a, b in zip(lrs, lrs[1:]))
+    assert lrs[-1] < 5e-4 and all(math.isfinite(x) for x in lrs)
+
+
+def test_tiny_runs_are_finite():
+    for total in (0, 1, 2, 3):
+        for s in range(max(total, 1)):
+            assert math.isfinite(lr_at(s, total, SPE, OPT))
+            assert math.isfinite(wd_at(s, total, OPT))
+    assert lr_at(0, 1, 1, dict(OPT, warmup_epochs=0)) == pytest.approx(1e-5)
+
+
+def test_weight_decay_linear():
+    assert wd_at(0, 101, OPT) == pytest.approx(0.04)
+    assert wd_at(50, 101, OPT) == pytest.approx(0.22)
+    assert wd_at(100, 101, OPT) == pytest.approx(0.4)
+    assert wd_at(500, 101, OPT) == pytest.approx(0.4)
+
+
+def test_momentum_linear():
+    cfg = {"ema_start": 0.996, "ema_end": 1.0}
+    assert momentum_at(0, 1001, cfg) == pytest.approx(0.996)
+    assert momentum_at(500, 1001, cfg) == pytest.approx(0.998)
+    assert momentum_at(1000, 1001, cfg) == pytest.approx(1.0)
+    ms = [momentum_at(s, 1001, cfg) for s in range(0, 1001, 100)]
+    assert all(b > a for a, b in zip(ms, ms[1:]))
+
+
+def test_linear_at_clamps():
+    assert linear_at(-5, 10, 1.0, 2.0) == 1.0
+    assert linear_at(9, 10, 1.0, 2.0) == 2.0
+    assert linear_at(0, 1, 1.0, 2.0) == 2.0
