@@ -150,6 +150,12 @@ class _MaskedPrediction(nn.Module):
         raise NotImplementedError
 
     def forward(self, images_ctx: torch.Tensor, images_tgt: torch.Tensor, masks):
+        """``(loss, stats)`` for a batch; ``masks`` is a :class:`MaskBatch` or a visible tensor.
+
+        ``stats`` holds detached scalars: ``loss``, ``num_visible`` and ``num_target`` (patches
+        per image), ``pred_std`` / ``target_std`` (mean per-channel std over all predicted
+        tokens; a collapsing representation drives ``target_std`` to 0) and ``target_abs``.
+        """
         masks = _as_masks(masks)
         pred, query_pos, weight = self.predict(images_ctx, masks)
         with torch.no_grad():
@@ -161,8 +167,8 @@ class _MaskedPrediction(nn.Module):
                 "loss": loss.detach(),
                 "num_visible": float(masks.num_visible),
                 "num_target": weight.float().sum(1).mean(),
-                "pred_std": pred.float().std(dim=0).mean(),
-                "target_std": target.float().std(dim=0).mean(),
+                "pred_std": pred.float().flatten(0, 1).std(dim=0).mean(),
+                "target_std": target.float().flatten(0, 1).std(dim=0).mean(),
                 "target_abs": (target.float().abs() * sel).sum() / (sel.sum() * target.shape[-1]).clamp(min=1),
             }
         return loss, stats
