@@ -205,3 +205,96 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert not (tmp_path / "encoder.safetensors").exists()
     steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+# ----------------------------------------------------------------------------- CLI
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, str(ROOT / "tools" / "pretrain.py")]
+TINY_CLI = ["--set", "model.depth=1", "--set", "model.embed_dim=32", "--set", "model.num_heads=2",
+            "--set", "model.predictor_dim=32", "--set", "model.predictor_depth=1", "--set", "model.hidden_dim=8",
+            "--set", "optim.batch_size=16", "--set", "data.num_workers=0", "--no-knn"]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_cli_bad_recipe_exits_2_without_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lrr: 0.1\n")
+    proc = subprocess.run(CLI + [str(bad), "--output", str(tmp_path / "run")], capture_output=True, text=True,
+                          env=_env(), timeout=300)
+    assert proc.returncode == 2
+    assert "optim.lrr" in proc.stderr and "did you mean 'lr'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_cli_nan_loss_exits_nonzero_and_keeps_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(CLI + [str(ROOT / "recipes" / "demo.yaml"), "--output", str(out), *TINY_CLI,
+                                 "--set", "train.max_steps=8", "--set", "train.checkpoint_every=1",
+                                 "--set", "optim.lr=1e30", "--set", "optim.warmup_epochs=0"],
+                          capture_output=True, text=True, env=_env(), timeout=600)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "non-finite loss" in proc.stderr and "Traceback" not in proc.stderr
+    step = int(proc.stderr.split("at step ")[1].split()[0])
+    last = ck.find_last_complete(out)
+    assert last is not None and ck.checkpoint_step(last) == step - 1
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+    """SIGKILL a CLI run at a random moment after its first checkpoint, --resume it, compare bits."""
+    args = [str(ROOT / "recipes" / "demo.yaml"), *TINY_CLI, "--set", "train.max_steps=40",
+            "--set", "train.checkpoint_every=5", "--set", "train.keep_checkpoints=2"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    proc = subprocess.run(CLI + args + ["--output", str(full)], capture_output=True, text=True, env=_env(),
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    child = subprocess.Popen(CLI + args + ["--output", str(killed)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env=_env())
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and child.poll() is None:
+            if (killed / "checkpoints" / "step_00000005" / "meta.json").exists():
+                break
+            time.sleep(0.05)
+        time.sleep(random.uniform(0.0, 0.8))
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "encoder.safetensors").exists()
+    start = ck.checkpoint_step(ck.find_last_complete(killed))
+    assert 5 <= start < 40
+
+    proc = subprocess.run(CLI + args + ["--output", str(killed), "--resume"], capture_output=True, text=True,
+                          env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"step {start} of 40" in proc.stdout
+
+    for name in ("checkpoints/step_00000040/model.safetensors", "encoder.safetensors",
+                 "context_encoder.safetensors"):
+        a, _ = ck.load_tensors(full / name)
+        b, _ = ck.load_tensors(killed / name)
+        assert set(a) == set(b)
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+    losses = [json.loads(x)["loss"] for x in (full / "metrics.jsonl").read_text().splitlines()]
+    resumed = [json.loads(x)["loss"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert resumed == losses

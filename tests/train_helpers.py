@@ -32,8 +32,8 @@ def tiny_recipe(**sections) -> dict:
 class TinyViews(torch.utils.data.Dataset):
     """``dataset[(epoch, index)] -> (context view, target view)``, seeded like PretrainDataset."""
 
-    def __init__(self, n: int = 32, size: int = 16, seed: int = 0):
-        self.base = torch.from_numpy(np.random.default_rng(1234).random((n, 1, size, size), dtype=np.float32))
+    def __init__(self, n: int = 32, size: int = 16, seed: int = 0, dtype=torch.float32):
+        self.base = torch.from_numpy(np.random.default_rng(1234).random((n, 1, size, size))).to(dtype)
         self.seed = seed
 
     def __len__(self) -> int:
@@ -48,7 +48,7 @@ class TinyViews(torch.utils.data.Dataset):
         return image + 0.05 * torch.randn(image.shape, generator=g), image
 
 
-def tiny_components(recipe: dict, n: int = 32):
+def tiny_components(recipe: dict, n: int = 32, dtype=torch.float32):
     """Components with the real objective and masks and the TinyViews stand-in data."""
     from scott.masks import build_mask_generator, masks_for_step
     from scott.objectives import build_objective
@@ -57,6 +57,7 @@ def tiny_components(recipe: dict, n: int = 32):
     model = recipe["model"]
     grid = (model["img_size"] // model["patch_size"],) * 2
     gen = build_mask_generator(recipe["mask"], grid)
-    return Components(objective=build_objective(recipe), dataset=TinyViews(n, model["img_size"]),
+    return Components(objective=build_objective(recipe).to(dtype),
+                      dataset=TinyViews(n, model["img_size"], dtype=dtype),
                       num_samples=n, mask_fn=lambda b, seed, step, shard: masks_for_step(gen, b, seed, step, shard),
                       eval_transform_spec={"size": model["img_size"]})

@@ -31,12 +31,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from scott.checkpoint import CheckpointError
     from scott.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)  # before the heavy imports: fail fast
+    from scott.checkpoint import CheckpointError
     from scott.train import (NonFiniteLossError, RunDirError, compare_with_random_init, pretrain,
                              resolve_output_dir)
 
-    recipe = load_recipe(args.recipe, args.overrides)
     output = resolve_output_dir(recipe, args.output)
     try:
         summary = pretrain(recipe, output, resume=args.resume)
