@@ -253,7 +253,7 @@ def view_seed(seed: int, epoch: int, index: int) -> int:
     return (int(words[0]) << 31) ^ int(words[1])
 
 
-class PretrainDataset:
+class PretrainDataset(torch.utils.data.Dataset):
     """Two augmented views of each image of ``base``, reproducible from (seed, epoch, index).
 
     ``dataset[(epoch, index)]`` (or ``dataset[index]`` = epoch 0) returns
