@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from scott import checkpoint as ck
+from scott.data import eval_transform_spec
 from scott.schedules import lr_at, momentum_at, wd_at
 from scott.train import (NonFiniteLossError, ProcessBatches, RunDirError, StepSampler,
                          pretrain)
@@ -91,7 +92,7 @@ def test_run_folder_metrics_schedules_and_exports(tmp_path):
 
     # the exported target encoder is the EMA target of the last checkpoint, with metadata
     state, model_cfg, spec, extra = ck.load_encoder_file(tmp_path / "encoder.safetensors")
-    assert model_cfg == recipe["model"] and spec == {"size": 16}
+    assert model_cfg == recipe["model"] and spec == eval_transform_spec(recipe["model"])
     assert extra["which"] == "target" and extra["step"] == 6
     weights, _ = ck.load_tensors(tmp_path / "checkpoints" / "step_00000006" / "model.safetensors")
     for key, value in state.items():
@@ -298,3 +299,47 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     losses = [json.loads(x)["loss"] for x in (full / "metrics.jsonl").read_text().splitlines()]
     resumed = [json.loads(x)["loss"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
     assert resumed == losses
+
+
+# ----------------------------------------------------------------------------- kNN monitor / payoff
+@pytest.mark.slow
+def test_knn_monitor_and_random_init_report(tmp_path):
+    from scott.train import compare_with_random_init
+
+    recipe = tiny_recipe(train={"max_steps": 4, "monitor_every": 1, "monitor_k": 10})
+    summary = _run(recipe, tmp_path)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    monitored = [r for r in lines if "knn_top1" in r]
+    assert [r["step"] for r in monitored] == [4]  # 4 steps per epoch, every epoch
+    top1 = monitored[0]["knn_top1"]
+    assert 0.3 < top1 <= 1.0  # 10 classes: far above chance even for a barely trained encoder
+    assert summary["knn_top1_monitor"] == top1
+    # the exported target encoder reproduces the monitor's number on the same (carved) split
+    report = compare_with_random_init(tmp_path, recipe, split="val")
+    assert report["pretrained"] == pytest.approx(top1, abs=1e-9)
+    assert 0.3 < report["random_init"] <= 1.0 and report["k"] == 10
+
+
+@pytest.mark.slow
+def test_two_process_cli_run_matches_one_process_accumulation(tmp_path):
+    """accelerate launch --multi_gpu --num_processes 2 with ACCELERATE_USE_CPU=1 (gloo on CPU)."""
+    args = [str(ROOT / "recipes" / "demo.yaml"), *TINY_CLI, "--set", "train.max_steps=4",
+            "--set", "train.checkpoint_every=2"]
+    env = _env()
+    one = subprocess.run(CLI + args + ["--output", str(tmp_path / "one"), "--set", "optim.accum_steps=2"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    env2 = dict(env, ACCELERATE_USE_CPU="1")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              str(29600 + random.randrange(300))]
+    two = subprocess.run(launch + [str(ROOT / "tools" / "pretrain.py")] + args + ["--output", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env2, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    last = tmp_path / "two" / "checkpoints" / "step_00000004"
+    assert ck.read_meta(last)["num_processes"] == 2
+    assert (last / "rng_rank1.pt").is_file()
+    a, _ = ck.load_tensors(tmp_path / "one" / "checkpoints" / "step_00000004" / "model.safetensors")
+    b, _ = ck.load_tensors(last / "model.safetensors")
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-5, worst

@@ -50,6 +50,7 @@ class TinyViews(torch.utils.data.Dataset):
 
 def tiny_components(recipe: dict, n: int = 32, dtype=torch.float32):
     """Components with the real objective and masks and the TinyViews stand-in data."""
+    from scott.data import eval_transform_spec
     from scott.masks import build_mask_generator, masks_for_step
     from scott.objectives import build_objective
     from scott.train import Components
@@ -60,4 +61,4 @@ def tiny_components(recipe: dict, n: int = 32, dtype=torch.float32):
     return Components(objective=build_objective(recipe).to(dtype),
                       dataset=TinyViews(n, model["img_size"], dtype=dtype),
                       num_samples=n, mask_fn=lambda b, seed, step, shard: masks_for_step(gen, b, seed, step, shard),
-                      eval_transform_spec={"size": model["img_size"]})
+                      eval_transform_spec=eval_transform_spec(model))
