@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -410,7 +411,8 @@ class PretrainRun:
             ck.restore_rng_state(ck.load_torch_state(rng_file))
         else:
             self.log(f"note: {path} was written by {meta.get('num_processes')} processes, this run has "
-                     f"{self.acc.num_processes}: data order is kept, masks and RNG streams differ")
+                     f"{self.acc.num_processes}: the data order is kept, masks are kept only if processes x "
+                     "accum_steps is unchanged, RNG streams start afresh")
         self.last_checkpoint = path
         return int(meta["step"])
 
@@ -451,6 +453,8 @@ def _prepare_run_dir(run: PretrainRun, resume: bool) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         ck.atomic_write_text(run_dir / RECIPE_FILE, format_recipe(run.recipe))
         _truncate_metrics(run_dir / METRICS_FILE, start)
+        if start == 0 and (run_dir / "tb").is_dir():  # events of an attempt that never checkpointed
+            shutil.rmtree(run_dir / "tb")
     run.acc.wait_for_everyone()
     return start
 
