@@ -267,3 +267,49 @@ def write_json(path: str | Path, record: dict) -> Path:
     tmp.write_text(json.dumps(record, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+# ----------------------------------------------------------------------------- probes
+def probe_features(source: EvalSource, pool: str, batch_size: int, device=None, cache_dir=None,
+                   limit_train: int | None = None, limit_test: int | None = None, seed: int = 0,
+                   num_workers: int = 0):
+    """(train FeatureSet, test FeatureSet) of the recipe's dataset for a probe."""
+    from scott.eval.protocol import FeatureSet
+
+    train, test = eval_datasets(source.recipe)
+    train = limit_dataset(train, limit_train, seed)
+    test = limit_dataset(test, limit_test, seed)
+    name = source.recipe["data"]["name"]
+    xt, yt = features_for(source, train, f"{name}-trainval", pool, batch_size, device, cache_dir, num_workers)
+    xe, ye = features_for(source, test, f"{name}-test", pool, batch_size, device, cache_dir, num_workers)
+    return FeatureSet(xt, yt), FeatureSet(xe, ye)
+
+
+def default_cache_dir(source: EvalSource) -> Path | None:
+    """``RUN_DIR/cache/features`` for run sources (feature cache of the probes)."""
+    return None if source.run_dir is None else source.run_dir / "cache" / "features"
+
+
+def selection_table(result, title: str):
+    """Rich table: validation metrics of every grid point, the chosen one marked, test once."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    keys = [k for k in result.table[0] if not k.startswith("val_")] if result.table else []
+    varying = [k for k in keys if len({str(r[k]) for r in result.table}) > 1] or keys[:2]
+    for k in varying:
+        table.add_column(k, justify="right")
+    table.add_column("val top-1 %", justify="right")
+    table.add_column("", justify="left")
+    for row in result.table:
+        chosen = all(row.get(k) == v for k, v in result.best.items())
+        table.add_row(*[str(row[k]) for k in varying], f"{100 * row['val_top1']:.2f}", "<- chosen" if chosen else "")
+    return table
+
+
+def probe_summary(result) -> str:
+    """One-paragraph text: how the setting was chosen and the single test measurement."""
+    return (f"selected on val ({result.n_val} images carved from train, seed {result.seed}), refit on "
+            f"{result.refit} ({result.n_refit} images)\nTEST ({result.n_test} images, evaluated once): "
+            f"top-1 {100 * result.test['top1']:.2f} %  top-5 {100 * result.test['top5']:.2f} %  "
+            f"mean per class {100 * result.test['mean_per_class']:.2f} %")
