@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from ._tiles_grid import TileGrid, span
 
-__all__ = ["pad_tiles", "conv_im2col", "conv_from_image", "maxpool_tiles", "blur_tiles",
+__all__ = ["pad_tiles", "halo_pad", "halo_unpad", "conv_im2col", "conv_from_image", "maxpool_tiles",
+           "blur", "blur_tiles", "MaxPoolTiles", "BlurTiles", "PiecesConv",
            "conv_pieces", "pieces_plan", "tiles_to_grid"]
 
 
@@ -64,40 +65,173 @@ def conv_im2col(xp: torch.Tensor, conv) -> torch.Tensor:
 
 
 def conv_from_image(images: torch.Tensor, grid: TileGrid, conv) -> torch.Tensor:
-    """First conv of a stack straight from the images: masked image, padded, unfolded, and only
-    the windows of visible patches gathered into one GEMM. Returns ``[Nv, to, to, out]``."""
+    """First conv of a stack straight from the images: the masked, padded image is cut into
+    visible tiles with their halo (masked neighbours are zeros already) and one valid conv2d
+    runs on that stack. Returns ``[Nv, to, to, out]``."""
     b, c, h, w = images.shape
-    x = images.permute(0, 2, 3, 1)
-    m = grid.visible.repeat_interleave(h // grid.gh, 1).repeat_interleave(w // grid.gw, 2)
-    x = x * m.unsqueeze(-1).to(x.dtype)
+    p = h // grid.gh
+    m = grid.visible.repeat_interleave(p, 1).repeat_interleave(p, 2)
+    x = images * m.unsqueeze(1).to(images.dtype)
     before, after = conv.p, max(0, conv.k - conv.s - conv.p)
     if before or after:
-        x = F.pad(x, (0, 0, before, after, before, after))
-    k, s = conv.k, conv.s
-    cols = x.unfold(1, k, s).unfold(2, k, s)  # [B, Ho, Wo, C, k, k]
-    ho, wo = cols.shape[1], cols.shape[2]
-    to = ho // grid.gh
-    cols = cols.reshape(b, grid.gh, to, grid.gw, to, c, k, k).permute(0, 1, 3, 2, 4, 5, 6, 7)
-    a = cols[grid.b, grid.gy, grid.gx]  # [Nv, to, to, C, k, k]
-    a = a.reshape(grid.count * to * to, c * k * k)
-    wt = conv.weight.reshape(conv.out_channels, -1).t()
-    y = torch.mm(a, wt) if conv.bias is None else torch.addmm(conv.bias, a, wt)
-    return y.view(grid.count, to, to, conv.out_channels)
+        x = F.pad(x, (before, after, before, after))
+    size = p + before + after
+    tiles = x.unfold(2, size, p).unfold(3, size, p)  # [B, C, gh, gw, size, size]
+    tiles = tiles.permute(0, 2, 3, 1, 4, 5)[grid.b, grid.gy, grid.gx]  # [Nv, C, size, size]
+    tiles = tiles.contiguous(memory_format=torch.channels_last)
+    y = F.conv2d(tiles, conv.weight, conv.bias, conv.s)
+    return y.permute(0, 2, 3, 1)
 
 
-def maxpool_tiles(xp: torch.Tensor) -> torch.Tensor:
-    """Max-pool k2 s1 of tiles padded by one row/column after: ``[Nv, t+1, t+1, C] -> [Nv, t, t, C]``."""
-    m = torch.maximum(xp[:, :, :-1], xp[:, :, 1:])
-    return torch.maximum(m[:, :-1], m[:, 1:])
+def _halo_regions(t: int, before: int, after: int):
+    """``(dy, dx, rows_in_padded, cols_in_padded, rows_in_neighbour, cols_in_neighbour)`` for
+    every neighbour direction a halo of ``before``/``after`` sites reaches (centre included)."""
+    dirs = _directions(before, after, t)
+    out = []
+    for dy in dirs:
+        rs = span(-before, t + after, t, dy)
+        if rs is None:
+            continue
+        py = rs[0] + dy * t + before
+        for dx in dirs:
+            cs = span(-before, t + after, t, dx)
+            if cs is None:
+                continue
+            px = cs[0] + dx * t + before
+            out.append((dy, dx, slice(py, py + rs[1] - rs[0]), slice(px, px + cs[1] - cs[0]),
+                        slice(*rs), slice(*cs)))
+    return out
+
+
+def halo_pad(x: torch.Tensor, grid: TileGrid, before: int, after: int) -> torch.Tensor:
+    """Non-differentiable :func:`pad_tiles` (used inside the hand-written autograd functions)."""
+    n, t, _, c = x.shape
+    size = t + before + after
+    out = x.new_empty(n, size, size, c)
+    for dy, dx, pr, pc, nr, nc in _halo_regions(t, before, after):
+        if dy == 0 and dx == 0:
+            out[:, pr, pc] = x
+            continue
+        centre, nb = grid.pairs(dy, dx)
+        region = out[:, pr, pc]
+        if centre.numel() == n:
+            region.copy_(x[nb, nr, nc])
+        else:
+            region.zero_()
+            if centre.numel():
+                region[centre] = x[nb, nr, nc]
+    return out
+
+
+def halo_unpad(gp: torch.Tensor, grid: TileGrid, before: int, after: int, t: int) -> torch.Tensor:
+    """Adjoint of :func:`halo_pad`: gradient of padded tiles -> gradient of the tiles."""
+    regions = _halo_regions(t, before, after)
+    gx = None
+    for dy, dx, pr, pc, nr, nc in regions:
+        if dy == 0 and dx == 0:
+            gx = gp[:, pr, pc].clone(memory_format=torch.contiguous_format)
+    for dy, dx, pr, pc, nr, nc in regions:
+        if dy == 0 and dx == 0:
+            continue
+        centre, nb = grid.pairs(dy, dx)
+        if centre.numel():
+            gx[:, nr, nc].index_add_(0, nb, gp[centre, pr, pc])
+    return gx
+
+
+class MaxPoolTiles(torch.autograd.Function):
+    """Max-pool k2 s1 (zero pad after) of tiles. Ties go to the first element in row-major
+    window order, as in ``F.max_pool2d``, so gradients equal the dense reference's."""
+
+    @staticmethod
+    def forward(ctx, x, grid):
+        xp = halo_pad(x, grid, 0, 1)
+        left, right = xp[:, :, :-1], xp[:, :, 1:]
+        # 1.0 where the later element wins (strictly greater); float masks, as bool
+        # where/masked_fill are several times slower than a multiply on CPU
+        hsel = (right > left).to(x.dtype)
+        hmax = torch.maximum(left, right)
+        top, bottom = hmax[:, :-1], hmax[:, 1:]
+        vsel = (bottom > top).to(x.dtype)
+        ctx.save_for_backward(hsel, vsel)
+        ctx.grid, ctx.t = grid, x.shape[1]
+        return torch.maximum(top, bottom)
+
+    @staticmethod
+    def backward(ctx, g):
+        hsel, vsel = ctx.saved_tensors
+        n, t, _, c = g.shape
+        gh = g.new_empty(n, t + 1, t, c)
+        gh[:, t].zero_()
+        moved = g * vsel
+        gh[:, :t] = g - moved
+        gh[:, 1:] += moved
+        gp = g.new_empty(n, t + 1, t + 1, c)
+        gp[:, :, t].zero_()
+        moved = gh * hsel
+        gp[:, :, :t] = gh - moved
+        gp[:, :, 1:] += moved
+        return halo_unpad(gp, ctx.grid, 0, 1, ctx.t), None
+
+
+def _blur_axis(x: torch.Tensor, dim: int, stride: int) -> torch.Tensor:
+    """Valid [1, 2, 1] / 4 filter along ``dim`` with ``stride``."""
+    to = (x.shape[dim] - 3) // stride + 1
+    end = (to - 1) * stride + 1
+    a = x.narrow(dim, 0, end)[_every(dim, stride)]
+    b = x.narrow(dim, 1, end)[_every(dim, stride)]
+    c = x.narrow(dim, 2, end)[_every(dim, stride)]
+    return (a + c) * 0.25 + b * 0.5
+
+
+def _blur_axis_t(g: torch.Tensor, dim: int, stride: int, size: int) -> torch.Tensor:
+    """Adjoint of :func:`_blur_axis` for an input of ``size`` along ``dim``."""
+    to = g.shape[dim]
+    end = (to - 1) * stride + 1
+    shape = list(g.shape)
+    shape[dim] = size
+    out = g.new_zeros(shape)
+    q = g * 0.25
+    out.narrow(dim, 0, end)[_every(dim, stride)] += q
+    out.narrow(dim, 2, end)[_every(dim, stride)] += q
+    out.narrow(dim, 1, end)[_every(dim, stride)] += g * 0.5
+    return out
+
+
+def _every(dim: int, stride: int):
+    return (slice(None),) * dim + (slice(None, None, stride),)
 
 
 def blur_tiles(xp: torch.Tensor, stride: int) -> torch.Tensor:
     """Binomial 3x3 blur of halo-padded tiles (valid), separable, with the given stride."""
-    size = xp.shape[1]
-    to = (size - 3) // stride + 1
-    end = (to - 1) * stride + 1
-    r = (xp[:, 0:end:stride] + xp[:, 2:end + 2:stride]) * 0.25 + xp[:, 1:end + 1:stride] * 0.5
-    return (r[:, :, 0:end:stride] + r[:, :, 2:end + 2:stride]) * 0.25 + r[:, :, 1:end + 1:stride] * 0.5
+    return _blur_axis(_blur_axis(xp, 1, stride), 2, stride)
+
+
+class BlurTiles(torch.autograd.Function):
+    """Binomial blur (zero pad 1, stride 1 or 2) of tiles, halo from visible neighbours."""
+
+    @staticmethod
+    def forward(ctx, x, grid, stride):
+        after = 0 if stride == 2 else 1
+        xp = halo_pad(x, grid, 1, after)
+        ctx.grid, ctx.stride, ctx.t, ctx.after = grid, stride, x.shape[1], after
+        return blur_tiles(xp, stride)
+
+    @staticmethod
+    def backward(ctx, g):
+        t, s, after = ctx.t, ctx.stride, ctx.after
+        size = t + 1 + after
+        gr = _blur_axis_t(g, 2, s, size)
+        gp = _blur_axis_t(gr, 1, s, size)
+        return halo_unpad(gp, ctx.grid, 1, after, t), None, None
+
+
+def maxpool_tiles(x: torch.Tensor, grid: TileGrid) -> torch.Tensor:
+    return MaxPoolTiles.apply(x, grid)
+
+
+def blur(x: torch.Tensor, grid: TileGrid, stride: int) -> torch.Tensor:
+    return BlurTiles.apply(x, grid, stride)
 
 
 def tiles_to_grid(x: torch.Tensor, grid: TileGrid) -> torch.Tensor:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ._tiles_grid import TileGrid, halo_of
-from ._tiles_ops import (blur_tiles, conv_from_image, conv_im2col, conv_pieces, maxpool_tiles,
+from ._tiles_ops import (blur, conv_from_image, conv_im2col, conv_pieces, maxpool_tiles,
                          pad_tiles, pieces_plan, tiles_to_grid)
 
 __all__ = ["available", "run"]
@@ -75,10 +75,9 @@ def run(layers, images: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         elif kind == "conv":
             x = _conv(x, grid, layer)
         elif kind == "maxpool":
-            x = maxpool_tiles(pad_tiles(x, grid, 0, 1))
+            x = maxpool_tiles(x, grid)
         elif kind == "blur":
-            before, after = halo_of(layer)
-            x = blur_tiles(pad_tiles(x, grid, before, after), layer.s)
+            x = blur(x, grid, layer.s)
         else:
             raise ValueError(f"tiles backend: unknown layer kind {kind!r}")
     if x.shape[1] != 1 or x.shape[2] != 1:
