@@ -35,6 +35,8 @@ __all__ = [
     "feature_cache_key",
     "cached_features",
     "encoder_in_chans",
+    "EvalView",
+    "resolve_transform",
 ]
 
 ENCODER_FILES = {"target": "encoder.safetensors", "context": "context_encoder.safetensors"}
@@ -163,7 +165,7 @@ def _match_channels(x: torch.Tensor, in_chans: int | None) -> torch.Tensor:
     raise ValueError(f"cannot feed {x.shape[0]}-channel images to a {in_chans}-channel encoder")
 
 
-class _EvalView(torch.utils.data.Dataset):
+class EvalView(torch.utils.data.Dataset):
     """(image, label) dataset seen through the evaluation transform (colour mode matched)."""
 
     def __init__(self, dataset, transform: Callable, in_chans: int | None, convert_pil: bool):
@@ -184,7 +186,7 @@ class _EvalView(torch.utils.data.Dataset):
         return _match_channels(x, self.in_chans), int(label)
 
 
-def _resolve_transform(encoder: nn.Module, transform: Callable | None) -> tuple[Callable, bool]:
+def resolve_transform(encoder: nn.Module, transform: Callable | None) -> tuple[Callable, bool]:
     """(transform, convert_to_pil): explicit transform as-is, else the encoder's stored spec."""
     if transform is not None:
         return transform, False
@@ -228,8 +230,8 @@ def extract_features(
         raise ValueError(f"pool must be 'avg' or 'tokens', got {pool!r}")
     if len(dataset) == 0:
         raise ValueError("cannot extract features of an empty dataset")
-    fn, convert_pil = _resolve_transform(encoder, transform)
-    view = _EvalView(dataset, fn, encoder_in_chans(encoder), convert_pil)
+    fn, convert_pil = resolve_transform(encoder, transform)
+    view = EvalView(dataset, fn, encoder_in_chans(encoder), convert_pil)
     loader = torch.utils.data.DataLoader(view, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     device = _model_device(encoder, device)
     encoder.to(device)

@@ -313,3 +313,15 @@ def probe_summary(result) -> str:
             f"{result.refit} ({result.n_refit} images)\nTEST ({result.n_test} images, evaluated once): "
             f"top-1 {100 * result.test['top1']:.2f} %  top-5 {100 * result.test['top5']:.2f} %  "
             f"mean per class {100 * result.test['mean_per_class']:.2f} %")
+
+
+def dataset_labels(dataset) -> "torch.Tensor":
+    """Labels of a map-style dataset as a long tensor (uses ``.labels`` where available)."""
+    import numpy as np
+
+    if isinstance(dataset, torch.utils.data.Subset):
+        return dataset_labels(dataset.dataset)[torch.as_tensor(list(dataset.indices), dtype=torch.long)]
+    labels = getattr(dataset, "labels", None)
+    if labels is not None:
+        return torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)

@@ -1,0 +1,181 @@
+"""End-to-end fine-tuning of an exported encoder + linear head on a labelled train split.
+
+The validation split is carved from the labelled train split (``split_train_val``); the model is
+trained on the remaining fit part, the epoch with the best validation top-1 is kept, and the test
+split is evaluated once with those weights. Runs on Hugging Face Accelerate (CPU, one or several
+GPUs); AdamW, linear warm-up + cosine lr, optional layer-wise lr decay.
+
+Public API:
+    FinetuneClassifier(encoder, num_classes)     encoder -> avg-pooled tokens -> LayerNorm -> Linear
+    encoder_layer_id(name, depth)                 layer index of a parameter (for layer decay)
+    param_groups(model, weight_decay, layer_decay) AdamW groups with per-group ``lr_scale``
+    FlipView(dataset)                             random horizontal flips on a tensor dataset
+    finetune(model, fit, val, test, ...)          -> dict of results
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from scott.eval.knn import topk_accuracy
+from scott.eval.protocol import mean_per_class_accuracy
+
+__all__ = ["FinetuneClassifier", "encoder_layer_id", "param_groups", "FlipView", "finetune"]
+
+
+class FinetuneClassifier(nn.Module):
+    """Encoder (all tokens of full images) -> mean over tokens -> LayerNorm -> Linear."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int):
+        super().__init__()
+        dim = int(getattr(encoder, "embed_dim"))
+        self.encoder = encoder
+        self.fc_norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.encoder(images, None, "all")
+        return self.head(self.fc_norm(tokens.mean(dim=1)))
+
+
+def encoder_layer_id(name: str, depth: int) -> int:
+    """0 for the tokenizer / embeddings, i + 1 for ``blocks.i``, depth + 1 for the rest (norms, head)."""
+    parts = name.split(".")
+    if parts[0] == "encoder":
+        parts = parts[1:]
+    if parts and parts[0] == "blocks" and len(parts) > 1 and parts[1].isdigit():
+        return int(parts[1]) + 1
+    if parts and parts[0] in ("tokenizer", "mask_token", "pos_embed"):
+        return 0
+    return depth + 1
+
+
+def param_groups(model: FinetuneClassifier, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+    """AdamW parameter groups: no weight decay on biases / 1-D parameters; ``lr_scale`` =
+    ``layer_decay ** (depth + 1 - layer_id)`` (1.0 everywhere when ``layer_decay`` is 1)."""
+    depth = len(getattr(model.encoder, "blocks", []))
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        layer = encoder_layer_id(name, depth)
+        decay = param.ndim > 1 and not name.endswith(".bias")
+        group = groups.setdefault((layer, decay), {
+            "params": [], "weight_decay": weight_decay if decay else 0.0,
+            "lr_scale": layer_decay ** (depth + 1 - layer), "layer": layer,
+        })
+        group["params"].append(param)
+    return [groups[k] for k in sorted(groups)]
+
+
+class FlipView(torch.utils.data.Dataset):
+    """Horizontal flip with probability ``p`` of ``(tensor [C, H, W], label)`` items (training only)."""
+
+    def __init__(self, dataset, p: float = 0.5):
+        self.dataset, self.p = dataset, p
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        x, y = self.dataset[index]
+        if self.p > 0 and float(torch.rand(())) < self.p:
+            x = x.flip(-1)
+        return x, y
+
+
+def _lr_at(step: int, total: int, warmup: int, base: float, min_lr: float) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + (base - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, loader, accelerator) -> dict:
+    model.eval()
+    scores, labels = [], []
+    for images, y in loader:
+        logits = model(images)
+        logits, y = accelerator.gather_for_metrics((logits, y))
+        scores.append(logits.float().cpu())
+        labels.append(y.cpu())
+    s, y = torch.cat(scores), torch.cat(labels).long()
+    top1, top5 = topk_accuracy(s, y, (1, 5))
+    return {"top1": top1, "top5": top5, "mean_per_class": mean_per_class_accuracy(s.argmax(1), y)}
+
+
+def finetune(
+    model: FinetuneClassifier,
+    fit,
+    val,
+    test,
+    epochs: int = 10,
+    lr: float = 1e-3,
+    min_lr: float = 1e-6,
+    warmup_epochs: int = 1,
+    batch_size: int = 64,
+    weight_decay: float = 0.05,
+    layer_decay: float = 1.0,
+    label_smoothing: float = 0.1,
+    seed: int = 0,
+    accelerator=None,
+    num_workers: int = 0,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Fine-tune on ``fit``, pick the epoch with the best ``val`` top-1, evaluate ``test`` once.
+
+    ``fit`` / ``val`` / ``test`` are datasets of ``(tensor image, label)`` (already transformed).
+    ``lr`` is the peak lr for a batch of ``batch_size`` per optimiser step. Returns a dict with
+    ``best_epoch``, ``val`` (metrics of the chosen epoch), ``test`` and the per-epoch ``history``.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    set_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    fit_loader = torch.utils.data.DataLoader(fit, batch_size=batch_size, shuffle=True, generator=gen,
+                                             num_workers=num_workers, drop_last=len(fit) > batch_size)
+    val_loader = torch.utils.data.DataLoader(val, batch_size=batch_size, num_workers=num_workers)
+    test_loader = torch.utils.data.DataLoader(test, batch_size=batch_size, num_workers=num_workers)
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay, layer_decay), lr=lr)
+    model, optimizer, fit_loader, val_loader, test_loader = acc.prepare(
+        model, optimizer, fit_loader, val_loader, test_loader)
+    steps_per_epoch = len(fit_loader)
+    total, warmup = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    history, best_state, best = [], None, None
+    step = 0
+    for epoch in range(epochs):
+        model.train()
+        running, seen = 0.0, 0
+        for images, labels in fit_loader:
+            current = _lr_at(step, total, warmup, lr, min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = current * group.get("lr_scale", 1.0)
+            loss = loss_fn(model(images), labels.long())
+            optimizer.zero_grad(set_to_none=True)
+            acc.backward(loss)
+            optimizer.step()
+            running += float(loss.detach()) * labels.shape[0]
+            seen += labels.shape[0]
+            step += 1
+        metrics = _evaluate(model, val_loader, acc)
+        history.append({"epoch": epoch + 1, "train_loss": running / max(1, seen),
+                        **{f"val_{k}": v for k, v in metrics.items()}})
+        log(f"epoch {epoch + 1}/{epochs}: loss {running / max(1, seen):.4f}, val top-1 {100 * metrics['top1']:.2f} %")
+        if best is None or metrics["top1"] > best["val"]["top1"]:
+            best = {"epoch": epoch + 1, "val": metrics}
+            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in acc.unwrap_model(model).state_dict().items()})
+    acc.unwrap_model(model).load_state_dict(best_state)
+    test_metrics = _evaluate(model, test_loader, acc)  # the one look at the test split
+    return {"best_epoch": best["epoch"], "val": best["val"], "test": test_metrics, "history": history,
+            "n_fit": len(fit), "n_val": len(val), "n_test": len(test)}

@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""End-to-end fine-tuning of an exported encoder + linear head (or of an untrained one).
+
+    python tools/finetune.py runs/demo --epochs 10 --lr 1e-3 --layer-decay 0.75
+    python tools/finetune.py --random-init recipes/demo.yaml --epochs 10     # supervised from scratch
+    accelerate launch --num_processes 2 tools/finetune.py runs/demo          # several GPUs
+
+A validation split is carved from the labelled train split (data.val_fraction, stratified,
+seeded); the model trains on the rest, the epoch with the best validation top-1 is kept, and the
+test split is evaluated once with it.
+"""
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rich.console import Console  # noqa: E402
+
+from scott.config import RecipeError, run_cli  # noqa: E402
+from scott.data.datasets import split_train_val  # noqa: E402
+from scott.eval.features import EvalView, encoder_in_chans, resolve_transform  # noqa: E402
+from scott.eval.finetune import FinetuneClassifier, FlipView, finetune  # noqa: E402
+from scott.eval.runs import (  # noqa: E402
+    add_source_args, dataset_labels, default_json_path, eval_datasets, limit_dataset, result_record,
+    source_from_args, write_json,
+)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_source_args(parser)
+    parser.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs [10]")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW lr [1e-3]")
+    parser.add_argument("--min-lr", type=float, default=1e-6, help="final lr of the cosine [1e-6]")
+    parser.add_argument("--warmup-epochs", type=int, default=1, help="linear warm-up epochs [1]")
+    parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay [0.05]")
+    parser.add_argument("--layer-decay", type=float, default=1.0, help="layer-wise lr decay (1 = off) [1.0]")
+    parser.add_argument("--label-smoothing", type=float, default=0.1, help="[0.1]")
+    parser.add_argument("--no-flip", action="store_true", help="no random horizontal flips in training")
+    parser.add_argument("--val-fraction", type=float, default=None, help="default: the recipe's data.val_fraction")
+    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    console = Console()
+    if args.pixels:
+        raise RecipeError("--pixels has nothing to fine-tune; use eval_linear.py --pixels for a pixel baseline")
+    if args.epochs < 1 or args.lr <= 0 or not 0 < args.layer_decay <= 1:
+        console.print("[red]error:[/] need --epochs >= 1, --lr > 0, 0 < --layer-decay <= 1")
+        return 2
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=args.device == "cpu", mixed_precision=args.mixed_precision)
+    args.device = str(acc.device)
+    source = source_from_args(args)
+    encoder = source.encoder.train()
+    train, test = eval_datasets(source.recipe)
+    train = limit_dataset(train, args.limit_train, args.seed)
+    test = limit_dataset(test, args.limit_test, args.seed)
+    val_fraction = args.val_fraction or float(source.recipe["data"]["val_fraction"])
+    fit_idx, val_idx = split_train_val(dataset_labels(train).numpy(), val_fraction, args.seed)
+    transform, convert = resolve_transform(encoder, None)
+    chans = encoder_in_chans(encoder)
+
+    def view(ds):
+        return EvalView(ds, transform, chans, convert)
+
+    import torch
+
+    fit = view(torch.utils.data.Subset(train, fit_idx.tolist()))
+    fit = fit if args.no_flip else FlipView(fit)
+    val = view(torch.utils.data.Subset(train, val_idx.tolist()))
+    num_classes = int(dataset_labels(train).max()) + 1
+    model = FinetuneClassifier(encoder, num_classes)
+    result = finetune(model, fit, val, view(test), epochs=args.epochs, lr=args.lr, min_lr=args.min_lr,
+                      warmup_epochs=args.warmup_epochs, batch_size=args.batch_size,
+                      weight_decay=args.weight_decay, layer_decay=args.layer_decay,
+                      label_smoothing=args.label_smoothing, seed=args.seed, accelerator=acc,
+                      num_workers=args.num_workers, log=console.log if acc.is_main_process else (lambda s: None))
+    if not acc.is_main_process:
+        return 0
+    t = result["test"]
+    console.print(f"fine-tune {source.description}: best val epoch {result['best_epoch']} "
+                  f"(val top-1 {100 * result['val']['top1']:.2f} %, {result['n_val']} images carved from train)\n"
+                  f"TEST ({result['n_test']} images, evaluated once): top-1 {100 * t['top1']:.2f} %  "
+                  f"top-5 {100 * t['top5']:.2f} %  mean per class {100 * t['mean_per_class']:.2f} %")
+    record = result_record(
+        "finetune", source, shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(argv),
+        args.seed, result["n_fit"] + result["n_val"], result["n_test"],
+        {"top1": t["top1"], "top5": t["top5"], "mean_per_class": t["mean_per_class"], **result,
+         "val_fraction": val_fraction},
+        {"hyperparameters": {k: getattr(args, k) for k in (
+            "epochs", "lr", "min_lr", "warmup_epochs", "weight_decay", "layer_decay", "label_smoothing",
+            "batch_size", "no_flip", "mixed_precision")},
+         "num_processes": acc.num_processes, "limit_train": args.limit_train, "limit_test": args.limit_test},
+    )
+    out = args.json or default_json_path(source, "finetune")
+    if out:
+        console.print(f"results -> {write_json(out, record)}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
