@@ -10,7 +10,6 @@ the test split; this one does not.)
 """
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
@@ -21,8 +20,8 @@ from rich.console import Console  # noqa: E402
 from scott.config import run_cli  # noqa: E402
 from scott.eval.attentive import attentive_grid, attentive_probe  # noqa: E402
 from scott.eval.runs import (  # noqa: E402
-    add_source_args, default_cache_dir, default_json_path, probe_features, probe_summary, resolve_device,
-    result_record, selection_table, source_from_args, write_json,
+    add_source_args, command_line, default_cache_dir, default_json_path, probe_features,
+    probe_summary, resolve_device, result_record, selection_table, source_from_args, write_json,
 )
 
 
@@ -66,7 +65,7 @@ def main(argv=None):
     console.print(selection_table(result, f"attentive probe: {source.description}"))
     console.print(probe_summary(result))
     record = result_record(
-        "eval_attentive", source, shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(argv),
+        "eval_attentive", source, command_line(__file__, argv),
         args.seed, len(train), len(test),
         {"top1": result.test["top1"], "top5": result.test["top5"],
          "mean_per_class": result.test["mean_per_class"], "probe": result.to_dict(),

@@ -11,7 +11,6 @@ Memory bank: the labelled train split (``trainval``) of the recipe's dataset; qu
 """
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
@@ -23,8 +22,8 @@ from rich.table import Table  # noqa: E402
 from scott.config import run_cli  # noqa: E402
 from scott.eval.knn import knn_classify_many  # noqa: E402
 from scott.eval.runs import (  # noqa: E402
-    add_source_args, default_json_path, eval_datasets, features_for, limit_dataset, resolve_device,
-    result_record, source_from_args, write_json,
+    add_source_args, command_line, default_json_path, eval_datasets, features_for, limit_dataset,
+    resolve_device, result_record, source_from_args, write_json,
 )
 
 
@@ -65,7 +64,7 @@ def main(argv=None):
     console.print(table)
 
     record = result_record(
-        "eval_knn", source, shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(argv),
+        "eval_knn", source, command_line(__file__, argv),
         args.seed, len(yb), len(yq),
         {"k": {str(k): {"top1": t1, "top5": t5} for k, (t1, t5) in results.items()},
          "temperature": args.temperature, "pool": "avg"},

@@ -11,7 +11,6 @@ fit part with --refit train) and the test split is evaluated once.
 """
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
@@ -22,8 +21,8 @@ from rich.console import Console  # noqa: E402
 from scott.config import run_cli  # noqa: E402
 from scott.eval.linear import DEFAULT_EPOCHS, DEFAULT_LRS, linear_grid, linear_probe  # noqa: E402
 from scott.eval.runs import (  # noqa: E402
-    add_source_args, default_cache_dir, default_json_path, probe_features, probe_summary, resolve_device, result_record,
-    selection_table, source_from_args, write_json,
+    add_source_args, command_line, default_cache_dir, default_json_path, probe_features,
+    probe_summary, resolve_device, result_record, selection_table, source_from_args, write_json,
 )
 
 
@@ -61,7 +60,7 @@ def main(argv=None):
     console.print(selection_table(result, f"linear probe: {source.description}"))
     console.print(probe_summary(result))
     record = result_record(
-        "eval_linear", source, shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(argv),
+        "eval_linear", source, command_line(__file__, argv),
         args.seed, len(train), len(test),
         {"top1": result.test["top1"], "top5": result.test["top5"],
          "mean_per_class": result.test["mean_per_class"], "probe": result.to_dict(),

@@ -11,7 +11,6 @@ test split is evaluated once with it.
 """
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
@@ -24,8 +23,8 @@ from scott.data.datasets import split_train_val  # noqa: E402
 from scott.eval.features import EvalView, encoder_in_chans, resolve_transform  # noqa: E402
 from scott.eval.finetune import FinetuneClassifier, FlipView, finetune  # noqa: E402
 from scott.eval.runs import (  # noqa: E402
-    add_source_args, dataset_labels, default_json_path, eval_datasets, limit_dataset, result_record,
-    source_from_args, write_json,
+    add_source_args, command_line, dataset_labels, default_json_path, eval_datasets, limit_dataset,
+    result_record, source_from_args, write_json,
 )
 
 
@@ -90,7 +89,7 @@ def main(argv=None):
                   f"TEST ({result['n_test']} images, evaluated once): top-1 {100 * t['top1']:.2f} %  "
                   f"top-5 {100 * t['top5']:.2f} %  mean per class {100 * t['mean_per_class']:.2f} %")
     record = result_record(
-        "finetune", source, shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(argv),
+        "finetune", source, command_line(__file__, argv),
         args.seed, result["n_fit"] + result["n_val"], result["n_test"],
         {"top1": t["top1"], "top5": t["top5"], "mean_per_class": t["mean_per_class"], **result,
          "val_fraction": val_fraction},

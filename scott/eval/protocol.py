@@ -101,7 +101,8 @@ def _split_indices(labels: torch.Tensor, val_fraction: float, seed: int) -> tupl
     from scott.data.datasets import split_train_val
 
     fit_idx, val_idx = split_train_val(labels.numpy(), val_fraction, seed)
-    return torch.as_tensor(np.asarray(fit_idx), dtype=torch.long), torch.as_tensor(np.asarray(val_idx), dtype=torch.long)
+    as_index = lambda idx: torch.as_tensor(np.asarray(idx), dtype=torch.long)  # noqa: E731
+    return as_index(fit_idx), as_index(val_idx)
 
 
 def carve_validation(train: FeatureSet, val_fraction: float, seed: int) -> tuple[FeatureSet, FeatureSet]:
@@ -185,7 +186,8 @@ def predict_scores(model: nn.Module, features: torch.Tensor, batch_size: int = 1
     """Logits ``[N, C]`` of ``model`` in eval mode (returned on the CPU)."""
     model.eval()
     device = next(model.parameters()).device
-    out = [model(features[i : i + batch_size].to(device).float()).cpu() for i in range(0, features.shape[0], batch_size)]
+    out = [model(features[i : i + batch_size].to(device).float()).cpu()
+           for i in range(0, features.shape[0], batch_size)]
     return torch.cat(out)
 
 

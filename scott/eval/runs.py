@@ -36,6 +36,7 @@ __all__ = [
     "result_record",
     "write_json",
     "default_json_path",
+    "command_line",
 ]
 
 TRAIN_SPLIT = "trainval"  # every labelled non-test image (probes carve their validation from it)
@@ -83,7 +84,7 @@ def load_run_source(path: str | Path, which: str = "target", overrides: Sequence
         raise RecipeError(f"{exc} (has the run finished and exported its encoders?)") from None
     except ValueError as exc:
         raise RecipeError(str(exc)) from None
-    return EvalSource(encoder, recipe, f"{which} encoder of {path}", "run",
+    return EvalSource(encoder, recipe, f"{which} encoder {encoder.source_path}", "run",
                       encoder_path=Path(encoder.source_path), run_dir=run_dir, info={"which": which})
 
 
@@ -250,6 +251,16 @@ def result_record(tool: str, source: EvalSource, command: str, seed: int, n_trai
         "python": platform.python_version(),
         **(extra or {}),
     }
+
+
+def command_line(tool_file: str, argv: Sequence[str] | None) -> str:
+    """The exact command: the process's argv, or ``python TOOL ARGV`` when called with ``argv``."""
+    import shlex
+    import sys
+
+    if argv is None:
+        return shlex.join([sys.executable, *sys.argv])
+    return shlex.join([sys.executable, str(tool_file), *argv])
 
 
 def default_json_path(source: EvalSource, tool: str) -> Path | None:

@@ -1,0 +1,114 @@
+"""Evaluation CLIs end to end on a tiny exported run folder (demo data, small subsets)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from scott.checkpoint import export_encoder
+from scott.config import format_recipe, load_recipe, run_cli
+from scott.data.transforms import eval_transform_spec
+from scott.models import build_encoder
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.hidden_dim=8"]
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def exit_code(tool, argv):
+    with pytest.raises(SystemExit) as info:
+        run_cli(lambda: tool.main(argv))
+    return info.value.code
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("run")
+    recipe = load_recipe(ROOT / "recipes" / "demo.yaml", SMALL)
+    (path / "recipe.yaml").write_text(format_recipe(recipe), encoding="utf-8")
+    torch.manual_seed(0)
+    for name in ("encoder", "context_encoder"):
+        export_encoder(path / f"{name}.safetensors", build_encoder(recipe["model"]).state_dict(), recipe["model"],
+                       eval_transform_spec(recipe["model"]))
+    return path
+
+
+def test_eval_knn_json_record(run_dir, tmp_path):
+    knn = load_tool("eval_knn")
+    out = tmp_path / "knn.json"
+    argv = [str(run_dir), "--k", "5", "500", "--limit-train", "60", "--limit-test", "20", "--json", str(out),
+            "--seed", "3", "--which", "context"]
+    with pytest.warns(UserWarning, match="exceeds"):
+        assert exit_code(knn, argv) == 0
+    rec = json.loads(out.read_text())
+    assert set(rec["k"]) == {"5", "500"}
+    assert rec["n_train"] == 60 and rec["n_test"] == 20 and rec["seed"] == 3
+    assert rec["which"] == "context" and "context_encoder.safetensors" in rec["encoder"]
+    assert "tools/eval_knn.py" in rec["command"] and rec["command"].endswith("--seed 3 --which context")
+    assert rec["recipe"]["model"]["embed_dim"] == 32 and rec["data"] == "demo"
+    for v in rec["k"].values():
+        assert 0.0 <= v["top1"] <= v["top5"] <= 1.0
+
+
+def test_pixels_baseline_beats_chance(tmp_path):
+    knn = load_tool("eval_knn")
+    out = tmp_path / "pix.json"
+    assert exit_code(knn, ["--pixels", "demo", "--k", "10", "--limit-train", "300", "--limit-test", "100",
+                           "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["source"] == "pixels" and rec["encoder"].startswith("raw pixels (1x28x28)")
+    assert rec["k"]["10"]["top1"] > 0.5  # 10 classes: chance is 0.1
+
+
+def test_bad_input_exits_2(run_dir, tmp_path):
+    knn = load_tool("eval_knn")
+    assert exit_code(knn, []) == 2  # no source
+    assert exit_code(knn, [str(tmp_path / "missing")]) == 2
+    assert exit_code(knn, ["--random-init", str(tmp_path / "nope.yaml")]) == 2
+    assert exit_code(knn, ["--pixels", "not_a_dataset"]) == 2
+    bad = tmp_path / "badrun"
+    bad.mkdir()
+    (bad / "recipe.yaml").write_text((run_dir / "recipe.yaml").read_text())
+    (bad / "encoder.safetensors").write_bytes(b"garbage" * 10)
+    assert exit_code(knn, [str(bad)]) == 2
+    assert exit_code(knn, [str(run_dir), "--k", "0"]) == 2
+
+
+def test_eval_linear_default_json_and_selection(run_dir):
+    lin = load_tool("eval_linear")
+    argv = [str(run_dir), "--limit-train", "80", "--limit-test", "30", "--lrs", "0.1", "1.0", "--epochs", "3"]
+    assert exit_code(lin, argv) == 0
+    rec = json.loads((run_dir / "eval" / "linear_target.json").read_text())
+    probe = rec["probe"]
+    assert probe["n_fit"] + probe["n_val"] == rec["n_train"] == 80 and rec["n_test"] == 30
+    assert [r["lr"] for r in probe["selection"]] == [0.1, 1.0]
+    assert probe["best"]["lr"] in (0.1, 1.0) and 0.0 <= rec["top1"] <= 1.0
+    assert any((run_dir / "cache" / "features").glob("*.safetensors"))  # features cached
+
+
+def test_eval_attentive_and_finetune_run(run_dir, tmp_path):
+    att = load_tool("eval_attentive")
+    out = tmp_path / "att.json"
+    assert exit_code(att, [str(run_dir), "--limit-train", "60", "--limit-test", "20", "--lrs", "1e-3",
+                           "--epochs", "2", "--heads", "2", "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["pool"] == "tokens" and rec["probe"]["n_refit"] == 60
+    assert exit_code(att, [str(run_dir), "--heads", "5", "--limit-train", "20", "--limit-test", "5"]) == 2
+
+    ft = load_tool("finetune")
+    out = tmp_path / "ft.json"
+    assert exit_code(ft, [str(run_dir), "--limit-train", "60", "--limit-test", "20", "--epochs", "2",
+                          "--batch-size", "16", "--layer-decay", "0.75", "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert len(rec["history"]) == 2 and rec["best_epoch"] in (1, 2)
+    assert rec["n_fit"] + rec["n_val"] == 60 and rec["n_test"] == 20
+    assert rec["hyperparameters"]["layer_decay"] == 0.75
+    assert exit_code(ft, ["--pixels", "demo"]) == 2
