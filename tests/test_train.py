@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import random
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -209,13 +216,6 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 # ----------------------------------------------------------------------------- CLI
-import os
-import random
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, str(ROOT / "tools" / "pretrain.py")]
