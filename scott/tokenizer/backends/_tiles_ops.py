@@ -7,6 +7,7 @@ autograd function (tested against autograd in ``tests/test_tiles_internals.py``)
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -14,9 +15,33 @@ import torch.nn.functional as F
 
 from ._tiles_grid import TileGrid, span
 
-__all__ = ["pad_tiles", "halo_pad", "halo_unpad", "conv_im2col", "conv_from_image", "maxpool_tiles",
-           "blur", "blur_tiles", "MaxPoolTiles", "BlurTiles", "PiecesConv",
+__all__ = ["pad_tiles", "halo_pad", "halo_unpad", "HaloPad", "conv_im2col", "conv_from_image",
+           "maxpool_tiles", "blur", "blur_tiles", "PiecesConv", "gemm",
            "conv_pieces", "pieces_plan", "tiles_to_grid"]
+
+
+@functools.cache
+def _onednn_linear_works() -> bool:
+    """Whether oneDNN's fp32 linear kernel is usable here (a capability probe, run once).
+
+    On x86 CPUs it runs GEMMs with AVX-512 where MKL's sgemm may not (e.g. on AMD CPUs it is
+    ~2x faster, the same kernels the dense backend's oneDNN convolutions use). Full fp32."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        a = torch.ones(2, 3)
+        out = torch.ops.mkldnn._linear_pointwise(a, torch.ones(4, 3), None, "none", [], "")
+        return bool(torch.equal(out, torch.full((2, 4), 3.0)))
+    except Exception:  # noqa: BLE001 - any failure means: not available
+        return False
+
+
+def gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for 2-D tensors (either may be a transposed view), exact to fp rounding;
+    float32 CPU GEMMs go through oneDNN when it works (faster than BLAS on some CPUs)."""
+    if a.dtype == torch.float32 and a.device.type == "cpu" and _onednn_linear_works():
+        return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
+    return torch.mm(a, b)
 
 
 def _directions(before: int, after: int, t: int) -> range:
@@ -139,99 +164,58 @@ def halo_unpad(gp: torch.Tensor, grid: TileGrid, before: int, after: int, t: int
     return gx
 
 
-class MaxPoolTiles(torch.autograd.Function):
-    """Max-pool k2 s1 (zero pad after) of tiles. Ties go to the first element in row-major
-    window order, as in ``F.max_pool2d``, so gradients equal the dense reference's."""
+class HaloPad(torch.autograd.Function):
+    """Differentiable :func:`halo_pad`: ``[Nv, t, t, C] -> [Nv, t+before+after, ..., C]``."""
 
     @staticmethod
-    def forward(ctx, x, grid):
-        xp = halo_pad(x, grid, 0, 1)
-        left, right = xp[:, :, :-1], xp[:, :, 1:]
-        # 1.0 where the later element wins (strictly greater); float masks, as bool
-        # where/masked_fill are several times slower than a multiply on CPU
-        hsel = (right > left).to(x.dtype)
-        hmax = torch.maximum(left, right)
-        top, bottom = hmax[:, :-1], hmax[:, 1:]
-        vsel = (bottom > top).to(x.dtype)
-        ctx.save_for_backward(hsel, vsel)
-        ctx.grid, ctx.t = grid, x.shape[1]
-        return torch.maximum(top, bottom)
+    def forward(ctx, x, grid, before, after):
+        ctx.grid, ctx.before, ctx.after, ctx.t = grid, before, after, x.shape[1]
+        return halo_pad(x, grid, before, after)
 
     @staticmethod
     def backward(ctx, g):
-        hsel, vsel = ctx.saved_tensors
-        n, t, _, c = g.shape
-        gh = g.new_empty(n, t + 1, t, c)
-        gh[:, t].zero_()
-        moved = g * vsel
-        gh[:, :t] = g - moved
-        gh[:, 1:] += moved
-        gp = g.new_empty(n, t + 1, t + 1, c)
-        gp[:, :, t].zero_()
-        moved = gh * hsel
-        gp[:, :, :t] = gh - moved
-        gp[:, :, 1:] += moved
-        return halo_unpad(gp, ctx.grid, 0, 1, ctx.t), None
+        return halo_unpad(g.contiguous(), ctx.grid, ctx.before, ctx.after, ctx.t), None, None, None
+
+
+def _nchw(x: torch.Tensor) -> torch.Tensor:
+    """``[N, H, W, C]`` tiles as an NCHW tensor in channels-last memory (a view)."""
+    return x.permute(0, 3, 1, 2)
+
+
+def _nhwc(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 2, 3, 1)
+
+
+def maxpool_tiles(x: torch.Tensor, grid: TileGrid) -> torch.Tensor:
+    """Max-pool k2 s1 (zero pad after) of tiles, the same kernel as the dense reference (so ties
+    resolve identically)."""
+    return _nhwc(F.max_pool2d(_nchw(HaloPad.apply(x, grid, 0, 1)), 2, 1))
+
+
+def blur(x: torch.Tensor, grid: TileGrid, stride: int) -> torch.Tensor:
+    """Binomial 3x3 blur (zero pad 1, stride 1 or 2) of tiles, as a depthwise conv."""
+    c = x.shape[-1]
+    after = 0 if stride == 2 else 1
+    taps = torch.tensor([1.0, 2.0, 1.0], dtype=x.dtype, device=x.device) / 4
+    kernel = (taps[:, None] * taps[None, :]).expand(c, 1, 3, 3).contiguous()
+    xp = HaloPad.apply(x, grid, 1, after)
+    return _nhwc(F.conv2d(_nchw(xp), kernel, None, stride, 0, 1, c))
+
+
+def blur_tiles(xp: torch.Tensor, stride: int) -> torch.Tensor:
+    """Binomial 3x3 blur of already halo-padded tiles (valid), separable, with the given stride."""
+    return _blur_axis(_blur_axis(xp, 1, stride), 2, stride)
 
 
 def _blur_axis(x: torch.Tensor, dim: int, stride: int) -> torch.Tensor:
     """Valid [1, 2, 1] / 4 filter along ``dim`` with ``stride``."""
     to = (x.shape[dim] - 3) // stride + 1
     end = (to - 1) * stride + 1
-    a = x.narrow(dim, 0, end)[_every(dim, stride)]
-    b = x.narrow(dim, 1, end)[_every(dim, stride)]
-    c = x.narrow(dim, 2, end)[_every(dim, stride)]
+    every = (slice(None),) * dim + (slice(None, None, stride),)
+    a = x.narrow(dim, 0, end)[every]
+    b = x.narrow(dim, 1, end)[every]
+    c = x.narrow(dim, 2, end)[every]
     return (a + c) * 0.25 + b * 0.5
-
-
-def _blur_axis_t(g: torch.Tensor, dim: int, stride: int, size: int) -> torch.Tensor:
-    """Adjoint of :func:`_blur_axis` for an input of ``size`` along ``dim``."""
-    to = g.shape[dim]
-    end = (to - 1) * stride + 1
-    shape = list(g.shape)
-    shape[dim] = size
-    out = g.new_zeros(shape)
-    q = g * 0.25
-    out.narrow(dim, 0, end)[_every(dim, stride)] += q
-    out.narrow(dim, 2, end)[_every(dim, stride)] += q
-    out.narrow(dim, 1, end)[_every(dim, stride)] += g * 0.5
-    return out
-
-
-def _every(dim: int, stride: int):
-    return (slice(None),) * dim + (slice(None, None, stride),)
-
-
-def blur_tiles(xp: torch.Tensor, stride: int) -> torch.Tensor:
-    """Binomial 3x3 blur of halo-padded tiles (valid), separable, with the given stride."""
-    return _blur_axis(_blur_axis(xp, 1, stride), 2, stride)
-
-
-class BlurTiles(torch.autograd.Function):
-    """Binomial blur (zero pad 1, stride 1 or 2) of tiles, halo from visible neighbours."""
-
-    @staticmethod
-    def forward(ctx, x, grid, stride):
-        after = 0 if stride == 2 else 1
-        xp = halo_pad(x, grid, 1, after)
-        ctx.grid, ctx.stride, ctx.t, ctx.after = grid, stride, x.shape[1], after
-        return blur_tiles(xp, stride)
-
-    @staticmethod
-    def backward(ctx, g):
-        t, s, after = ctx.t, ctx.stride, ctx.after
-        size = t + 1 + after
-        gr = _blur_axis_t(g, 2, s, size)
-        gp = _blur_axis_t(gr, 1, s, size)
-        return halo_unpad(gp, ctx.grid, 1, after, t), None, None
-
-
-def maxpool_tiles(x: torch.Tensor, grid: TileGrid) -> torch.Tensor:
-    return MaxPoolTiles.apply(x, grid)
-
-
-def blur(x: torch.Tensor, grid: TileGrid, stride: int) -> torch.Tensor:
-    return BlurTiles.apply(x, grid, stride)
 
 
 def tiles_to_grid(x: torch.Tensor, grid: TileGrid) -> torch.Tensor:
@@ -292,15 +276,13 @@ def pieces_plan(t: int, k: int, s: int, p: int) -> list[_Piece]:
     return plan
 
 
-def _piece_weight(w: torch.Tensor, pc: _Piece) -> torch.Tensor:
-    """``[rows*cols*C, out_rows*out_cols*D]`` weight of a piece from ``w [D, C, k, k]``."""
+def _piece_weight(wkkcd: torch.Tensor, pc: _Piece) -> torch.Tensor:
+    """``[rows*cols*C, G*D]`` weight of a piece from the weight in ``[k, k, C, D]`` layout;
+    column block ``g`` (output position ``g`` of the piece, row-major) holds its taps."""
     hr, hc = pc.rows[1] - pc.rows[0], pc.cols[1] - pc.cols[0]
-    blocks = []
-    for ty in pc.taps_y:
-        for tx in pc.taps_x:
-            blocks.append(w[:, :, ty:ty + hr, tx:tx + hc])  # [D, C, hr, hc]
-    wb = torch.stack(blocks, 0)  # [G, D, C, hr, hc]
-    return wb.permute(3, 4, 2, 0, 1).reshape(hr * hc * w.shape[1], -1)
+    blocks = [wkkcd[ty:ty + hr, tx:tx + hc] for ty in pc.taps_y for tx in pc.taps_x]
+    wb = blocks[0].unsqueeze(3) if len(blocks) == 1 else torch.stack(blocks, 3)  # [hr, hc, C, G, D]
+    return wb.reshape(hr * hc * wkkcd.shape[2], -1)
 
 
 def _is_whole(pc: _Piece, t: int, to: int) -> bool:
@@ -310,86 +292,104 @@ def _is_whole(pc: _Piece, t: int, to: int) -> bool:
 
 class PiecesConv(torch.autograd.Function):
     """Submanifold conv of tiles as GEMM pieces: each neighbour direction contributes only the
-    taps that land in it, and only for tiles whose neighbour there is visible."""
+    taps that land in it, and only for tiles whose neighbour there is visible (masked
+    neighbours' zeros are skipped, not multiplied)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, grid, plan):
         n, t, _, c = x.shape
         d = weight.shape[0]
         to = max(pc.out_rows[1] for pc in plan)
-        wps = [_piece_weight(weight, pc) for pc in plan]
+        wk = weight.permute(2, 3, 1, 0).contiguous()  # [k, k, C, D]
+        wps, inputs, targets = [], [], []
         y = None
-        for pc, wp in zip(plan, wps):
+        for pc in plan:
+            wp = _piece_weight(wk, pc)
+            rows, cols = slice(*pc.rows), slice(*pc.cols)
+            if pc.dy == 0 and pc.dx == 0:
+                centre = nb = None
+                a = x.reshape(n, -1) if _is_whole(pc, t, to) else x[:, rows, cols].reshape(n, -1)
+            else:
+                centre, nb = grid.pairs(pc.dy, pc.dx)
+                if centre.numel() == 0:
+                    continue
+                a = x[nb, rows, cols].reshape(nb.numel(), -1)
+            wps.append(wp)
+            inputs.append(a)
+            targets.append((pc, centre, nb))
             if _is_whole(pc, t, to):
-                y = torch.mm(x.reshape(n, -1), wp).view(n, to, to, d)
-                break
+                y = gemm(a, wp).view(n, to, to, d)
         if y is None:
             y = x.new_zeros(n, to, to, d)
-        for pc, wp in zip(plan, wps):
+        for (pc, centre, nb), a, wp in zip(targets, inputs, wps):
             if _is_whole(pc, t, to):
                 continue
-            if pc.dy == 0 and pc.dx == 0:
-                a = x[:, pc.rows[0]:pc.rows[1], pc.cols[0]:pc.cols[1]].reshape(n, -1)
-                r = torch.mm(a, wp)
-                y[:, pc.out_rows[0]:pc.out_rows[1], pc.out_cols[0]:pc.out_cols[1]] += r.view(
-                    n, pc.out_rows[1] - pc.out_rows[0], pc.out_cols[1] - pc.out_cols[0], d)
-                continue
-            centre, nb = grid.pairs(pc.dy, pc.dx)
-            if centre.numel() == 0:
-                continue
-            a = x[nb, pc.rows[0]:pc.rows[1], pc.cols[0]:pc.cols[1]].reshape(nb.numel(), -1)
-            r = torch.mm(a, wp)
-            y[:, pc.out_rows[0]:pc.out_rows[1], pc.out_cols[0]:pc.out_cols[1]].index_add_(
-                0, centre, r.view(nb.numel(), pc.out_rows[1] - pc.out_rows[0],
-                                  pc.out_cols[1] - pc.out_cols[0], d))
+            gi, gj = pc.out_rows[1] - pc.out_rows[0], pc.out_cols[1] - pc.out_cols[0]
+            r = gemm(a, wp).view(a.shape[0], gi, gj, d)
+            dst = y[:, slice(*pc.out_rows), slice(*pc.out_cols)]
+            if centre is None:
+                dst += r
+            else:
+                dst.index_add_(0, centre, r)
         if bias is not None:
             y += bias
-        ctx.save_for_backward(x, weight)
-        ctx.grid, ctx.plan, ctx.has_bias = grid, plan, bias is not None
-        ctx.wps = wps
+        ctx.save_for_backward(weight)
+        ctx.grid, ctx.has_bias, ctx.xshape = grid, bias is not None, x.shape
+        ctx.pieces = list(zip(targets, inputs, wps))
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, weight = ctx.saved_tensors
-        grid, plan = ctx.grid, ctx.plan
-        n, t, _, c = x.shape
+        (weight,) = ctx.saved_tensors
+        n, t, _, c = ctx.xshape
         d = weight.shape[0]
         to = gy.shape[1]
         gy = gy.contiguous()
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gx = x.new_zeros(x.shape) if need_x else None
-        gw = torch.zeros_like(weight) if need_w else None
-        for pc, wp in zip(plan, ctx.wps):
-            hr, hc = pc.rows[1] - pc.rows[0], pc.cols[1] - pc.cols[0]
-            orr, occ = pc.out_rows, pc.out_cols
-            whole = _is_whole(pc, t, to)
-            if pc.dy == 0 and pc.dx == 0:
-                centre = nb = None
-                m = n
-                g = gy.view(n, -1) if whole else gy[:, orr[0]:orr[1], occ[0]:occ[1]].reshape(n, -1)
-                a = x.view(n, -1) if whole else x[:, pc.rows[0]:pc.rows[1], pc.cols[0]:pc.cols[1]].reshape(n, -1)
+        gx = None
+        gwk = weight.new_zeros(weight.shape[2], weight.shape[3], c, d) if need_w else None
+        rest = []
+        for (pc, centre, nb), a, wp in ctx.pieces:
+            if _is_whole(pc, t, to):
+                g = gy.view(n, -1)
+                if need_x:
+                    gx = gemm(g, wp.t()).view(n, t, t, c)
             else:
-                centre, nb = grid.pairs(pc.dy, pc.dx)
-                m = nb.numel()
-                if m == 0:
-                    continue
-                g = gy[centre, orr[0]:orr[1], occ[0]:occ[1]].reshape(m, -1)
-                a = x[nb, pc.rows[0]:pc.rows[1], pc.cols[0]:pc.cols[1]].reshape(m, -1) if need_w else None
-            if need_x:
-                ga = torch.mm(g, wp.t()).view(m, hr, hc, c)
-                if nb is None:
-                    gx[:, pc.rows[0]:pc.rows[1], pc.cols[0]:pc.cols[1]] += ga
-                else:
-                    gx[:, pc.rows[0]:pc.rows[1], pc.cols[0]:pc.cols[1]].index_add_(0, nb, ga)
+                rest.append((pc, centre, nb, a, wp))
+                continue
             if need_w:
-                gwp = torch.mm(a.t(), g)  # [hr*hc*C, G*D]
-                gwp = gwp.view(hr, hc, c, len(pc.taps_y), len(pc.taps_x), d)
-                for iy, ty in enumerate(pc.taps_y):
-                    for ix, tx in enumerate(pc.taps_x):
-                        gw[:, :, ty:ty + hr, tx:tx + hc] += gwp[:, :, :, iy, ix].permute(3, 2, 0, 1)
+                _add_weight_grad(gwk, pc, gemm(a.t(), g), c, d)
+        if need_x and gx is None:
+            gx = gy.new_zeros(n, t, t, c)
+        for pc, centre, nb, a, wp in rest:
+            orows, ocols = slice(*pc.out_rows), slice(*pc.out_cols)
+            if centre is None:
+                g = gy[:, orows, ocols].reshape(n, -1)
+            else:
+                g = gy[centre, orows, ocols].reshape(centre.numel(), -1)
+            if need_x:
+                ga = gemm(g, wp.t()).view(g.shape[0], pc.rows[1] - pc.rows[0],
+                                              pc.cols[1] - pc.cols[0], c)
+                dst = gx[:, slice(*pc.rows), slice(*pc.cols)]
+                if nb is None:
+                    dst += ga
+                else:
+                    dst.index_add_(0, nb, ga)
+            if need_w:
+                _add_weight_grad(gwk, pc, gemm(a.t(), g), c, d)
+        gw = gwk.permute(3, 2, 0, 1).contiguous() if need_w else None
         gb = gy.sum((0, 1, 2)) if (need_b and ctx.has_bias) else None
+        ctx.pieces = None
         return gx, gw, gb, None, None
+
+
+def _add_weight_grad(gwk: torch.Tensor, pc: _Piece, gwp: torch.Tensor, c: int, d: int) -> None:
+    """Add a piece's ``[rows*cols*C, G*D]`` weight gradient into ``gwk [k, k, C, D]``."""
+    hr, hc = pc.rows[1] - pc.rows[0], pc.cols[1] - pc.cols[0]
+    gwp = gwp.view(hr, hc, c, len(pc.taps_y), len(pc.taps_x), d)
+    for iy, ty in enumerate(pc.taps_y):
+        for ix, tx in enumerate(pc.taps_x):
+            gwk[ty:ty + hr, tx:tx + hc] += gwp[:, :, :, iy, ix]
 
 
 def conv_pieces(x: torch.Tensor, grid: TileGrid, conv, plan) -> torch.Tensor:
