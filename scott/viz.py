@@ -123,19 +123,26 @@ def mask_figure(images: Sequence[Image.Image], visible: torch.Tensor, target: to
 
 
 # ----------------------------------------------------------------------------- PCA
-def pca_rgb(tokens: torch.Tensor, grid: Sequence[int]) -> np.ndarray:
+def pca_rgb(tokens: torch.Tensor, grid: Sequence[int], center: str = "global") -> np.ndarray:
     """Project patch features on their 3 top principal components (fit jointly over the batch).
 
     tokens [B, N, D] with N = gh * gw (row-major) -> uint8 [B, gh, gw, 3]; each component is
-    stretched to [0, 255] between its 1st and 99th percentile.
+    stretched to [0, 255] between its 1st and 99th percentile. ``center="position"`` first removes
+    each position's mean over the batch (hides the positional embedding, shows content; needs a
+    batch of several images).
     """
+    if center not in ("global", "position"):
+        raise ValueError(f"center must be 'global' or 'position', got {center!r}")
     if tokens.ndim == 2:
         tokens = tokens[None]
     b, n, d = tokens.shape
     gh, gw = (int(g) for g in grid)
     if n != gh * gw:
         raise ValueError(f"{n} tokens do not fill a {gh}x{gw} grid")
-    x = tokens.reshape(b * n, d).double()
+    t = tokens.double()
+    if center == "position":
+        t = t - t.mean(dim=0, keepdim=True)
+    x = t.reshape(b * n, d)
     x = x - x.mean(dim=0, keepdim=True)
     _, _, vh = torch.linalg.svd(x, full_matrices=False)
     comps = vh[: min(3, vh.shape[0])]
@@ -149,9 +156,12 @@ def pca_rgb(tokens: torch.Tensor, grid: Sequence[int]) -> np.ndarray:
 
 
 def pca_figure(images: Sequence[Image.Image], tokens: torch.Tensor, grid: Sequence[int],
-               panel: int = 160) -> Image.Image:
-    """One row per image: the image and the RGB PCA map of its patch features."""
-    maps = pca_rgb(tokens, grid)
+               panel: int = 160, center: str = "global") -> Image.Image:
+    """One row per image: the image and the RGB PCA map of its patch features.
+
+    ``tokens`` may hold more images than ``images`` (the PCA is fit on all, the first are shown).
+    """
+    maps = pca_rgb(tokens, grid, center)
     rows = [[upscale(img.convert("RGB"), panel), upscale(Image.fromarray(m, mode="RGB"), panel)]
             for img, m in zip(images, maps)]
     return tile(rows)
@@ -283,11 +293,13 @@ def training_curves(records: Sequence[Mapping]) -> dict[str, Image.Image]:
 
 
 def write_run_figures(run_dir: str | Path, num_images: int = 4, which: str = "target", seed: int = 0,
-                      split: str | None = None, device=None, log=print) -> list[Path]:
-    """Write RUN_DIR/figures/{masks,pca,loss,knn}.png for a run folder; returns the written paths.
+                      split: str | None = None, device=None, log=print, pca_images: int = 64) -> list[Path]:
+    """Write RUN_DIR/figures/{masks,pca,pca_raw,loss,knn}.png; returns the written paths.
 
     Images: ``num_images`` seeded picks from ``split`` (default ``data.eval_split``); masks from the
-    recipe's mask generator (seed ``seed``, step 0); PCA of the ``which`` encoder's patch tokens.
+    recipe's mask generator (seed ``seed``, step 0); PCA of the ``which`` encoder's patch tokens,
+    fit on ``pca_images`` images: ``pca.png`` with each position's mean removed (content),
+    ``pca_raw.png`` without (dominated by the positional embedding).
     """
     from scott.config import load_recipe
     from scott.data.datasets import build_dataset
@@ -313,16 +325,18 @@ def write_run_figures(run_dir: str | Path, num_images: int = 4, which: str = "ta
     transform = transform_from_spec(spec)
     dataset = build_dataset(recipe["data"], split or recipe["data"]["eval_split"])
     gen = torch.Generator().manual_seed(seed)
-    picks = torch.randperm(len(dataset), generator=gen)[:num_images].tolist()
+    picks = torch.randperm(len(dataset), generator=gen)[:max(num_images, pca_images)].tolist()
     batch = torch.stack([transform(dataset[i][0]) for i in picks])
-    shown = [denormalize(x, spec["mean"], spec["std"]) for x in batch]
+    shown = [denormalize(x, spec["mean"], spec["std"]) for x in batch[:num_images]]
     grid = tuple(int(g) for g in encoder.grid_size)
-    masks = masks_for_step(build_mask_generator(recipe["mask"], grid), len(picks), seed, 0)
+    masks = masks_for_step(build_mask_generator(recipe["mask"], grid), len(shown), seed, 0)
     written.append(out_dir / "masks.png")
     mask_figure(shown, masks.visible, masks.target).save(written[-1])
     with torch.no_grad():
         dev = next(encoder.parameters()).device
         tokens = encoder(batch.to(dev), None, "all").float().cpu()
     written.append(out_dir / "pca.png")
-    pca_figure(shown, tokens, grid).save(written[-1])
+    pca_figure(shown, tokens, grid, center="position").save(written[-1])
+    written.append(out_dir / "pca_raw.png")
+    pca_figure(shown, tokens, grid, center="global").save(written[-1])
     return written

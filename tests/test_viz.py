@@ -118,9 +118,9 @@ def test_write_run_figures(tmp_path):
                    eval_transform_spec(recipe["model"]))
     (tmp_path / "metrics.jsonl").write_text(
         "\n".join(json.dumps({"step": s, "loss": 1 / (s + 1)}) for s in range(20)) + "\n", encoding="utf-8")
-    paths = write_run_figures(tmp_path, num_images=3, log=lambda s: None)
+    paths = write_run_figures(tmp_path, num_images=3, log=lambda s: None, pca_images=16)
     names = sorted(p.name for p in paths)
-    assert names == ["loss.png", "masks.png", "pca.png"]
+    assert names == ["loss.png", "masks.png", "pca.png", "pca_raw.png"]
     masks = Image.open(tmp_path / "figures" / "masks.png")
     assert masks.size == (3 * 160 + 4 * 4, 3 * 160 + 4 * 4)
     pca = np.asarray(Image.open(tmp_path / "figures" / "pca.png")).astype(int)

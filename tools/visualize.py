@@ -2,7 +2,9 @@
 """Figures of a run folder, written to RUN_DIR/figures/ as PNG (drawn with PIL):
 
     masks.png  image | image with masked patches dimmed (targets red) | visible-token map
-    pca.png    image | top-3 PCA components of its patch features as RGB
+    pca.png    image | top-3 PCA components of its patch features as RGB (each position's mean
+               over --pca-images images removed, so content shows rather than position)
+    pca_raw.png  the same without removing the position means
     loss.png   pretraining loss curve (metrics.jsonl)
     knn.png    kNN monitor curve (when the run logged one)
 
@@ -26,6 +28,7 @@ def main(argv=None):
     parser.add_argument("--which", choices=["target", "context"], default="target")
     parser.add_argument("--seed", type=int, default=0, help="image picks and masks [0]")
     parser.add_argument("--split", default=None, help="dataset split (default: the recipe's data.eval_split)")
+    parser.add_argument("--pca-images", type=int, default=64, help="images the PCA is fit on [64]")
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
@@ -34,7 +37,8 @@ def main(argv=None):
     if args.num_images < 1:
         raise RecipeError("--num-images must be >= 1")
     try:
-        paths = write_run_figures(run_dir, args.num_images, args.which, args.seed, args.split, args.device)
+        paths = write_run_figures(run_dir, args.num_images, args.which, args.seed, args.split, args.device,
+                                  pca_images=args.pca_images)
     except (FileNotFoundError, ValueError) as exc:
         raise RecipeError(str(exc)) from None
     for p in paths:

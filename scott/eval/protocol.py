@@ -101,8 +101,11 @@ def _split_indices(labels: torch.Tensor, val_fraction: float, seed: int) -> tupl
     from scott.data.datasets import split_train_val
 
     fit_idx, val_idx = split_train_val(labels.numpy(), val_fraction, seed)
-    as_index = lambda idx: torch.as_tensor(np.asarray(idx), dtype=torch.long)  # noqa: E731
-    return as_index(fit_idx), as_index(val_idx)
+    return _as_index(fit_idx), _as_index(val_idx)
+
+
+def _as_index(idx) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(idx), dtype=torch.long)
 
 
 def carve_validation(train: FeatureSet, val_fraction: float, seed: int) -> tuple[FeatureSet, FeatureSet]:
