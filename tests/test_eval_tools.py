@@ -112,3 +112,18 @@ def test_eval_attentive_and_finetune_run(run_dir, tmp_path):
     assert rec["n_fit"] + rec["n_val"] == 60 and rec["n_test"] == 20
     assert rec["hyperparameters"]["layer_decay"] == 0.75
     assert exit_code(ft, ["--pixels", "demo"]) == 2
+
+
+def test_feature_cache_tells_subsets_apart(run_dir, tmp_path):
+    from scott.eval.runs import eval_datasets, features_for, limit_dataset, load_run_source
+
+    source = load_run_source(run_dir)
+    train, _ = eval_datasets(source.recipe)
+    a = limit_dataset(train, 10, seed=0)
+    b = limit_dataset(train, 10, seed=1)
+    fa, la = features_for(source, a, "demo-trainval", "avg", 8, cache_dir=tmp_path)
+    fb, lb = features_for(source, b, "demo-trainval", "avg", 8, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+    assert not torch.equal(fa, fb)
+    fa2, _ = features_for(source, a, "demo-trainval", "avg", 8, cache_dir=tmp_path)
+    assert torch.equal(fa, fa2)

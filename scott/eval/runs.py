@@ -224,8 +224,18 @@ def features_for(source: EvalSource, dataset, split_tag: str, pool: str, batch_s
 
     if cache_dir is None or source.encoder_path is None:
         return compute()
-    key = feature_cache_key(source.encoder_path, split_tag, pool, extra=[str(len(dataset))])
+    key = feature_cache_key(source.encoder_path, split_tag, pool, extra=_dataset_tags(source, dataset))
     return cached_features(cache_dir, key, compute)
+
+
+def _dataset_tags(source: EvalSource, dataset) -> list[str]:
+    """Cache-key tags that tell datasets apart: size, the subset's indices and the data section."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(source.recipe["data"], sort_keys=True, default=str).encode())
+    if isinstance(dataset, torch.utils.data.Subset):
+        h.update(",".join(map(str, dataset.indices)).encode())
+    return [f"n{len(dataset)}", h.hexdigest()[:12]]
 
 
 # ----------------------------------------------------------------------------- results
