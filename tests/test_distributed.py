@@ -41,12 +41,17 @@ def _worker(out_dir):
     acc.wait_for_everyone()
 
 
-@pytest.mark.slow
 def test_two_processes_match_one_process_with_accumulation(tmp_path):
     from accelerate import debug_launcher
     from accelerate.state import AcceleratorState
 
-    debug_launcher(_worker, args=(str(tmp_path),), num_processes=2)
+    tiny_components(tiny_recipe())  # warm lazy imports (e.g. backend probing) once, before forking
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # before forking: the workers inherit one intra-op thread each
+    try:
+        debug_launcher(_worker, args=(str(tmp_path),), num_processes=2)
+    finally:
+        torch.set_num_threads(threads)
     grads2, _ = ck.load_tensors(tmp_path / "grads.safetensors")
     params2, _ = ck.load_tensors(tmp_path / "params.safetensors")
 

@@ -8,6 +8,10 @@ import numpy as np
 import torch
 
 from scott.config import resolve_recipe
+from scott.data import eval_transform_spec
+from scott.masks import build_mask_generator, masks_for_step
+from scott.objectives import build_objective
+from scott.train import Components
 
 TINY = {
     "data": {"name": "demo", "num_workers": 0, "augment": "none"},
@@ -50,11 +54,6 @@ class TinyViews(torch.utils.data.Dataset):
 
 def tiny_components(recipe: dict, n: int = 32, dtype=torch.float32):
     """Components with the real objective and masks and the TinyViews stand-in data."""
-    from scott.data import eval_transform_spec
-    from scott.masks import build_mask_generator, masks_for_step
-    from scott.objectives import build_objective
-    from scott.train import Components
-
     model = recipe["model"]
     grid = (model["img_size"] // model["patch_size"],) * 2
     gen = build_mask_generator(recipe["mask"], grid)
