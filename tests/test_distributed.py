@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import tempfile
+
 import pytest
 import torch
 
@@ -26,7 +29,7 @@ def _one_step(recipe, out_dir, accelerator=None) -> tuple[dict, dict]:
 
 
 def _worker(out_dir):
-    """Body of each of the 2 processes started by accelerate.debug_launcher."""
+    """Body of each of the 2 processes started by :func:`_launch_cpu`."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -41,15 +44,32 @@ def _worker(out_dir):
     acc.wait_for_everyone()
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch_cpu(fn, args, num_processes: int) -> None:
+    """accelerate.debug_launcher with a free port (its fixed 29500 collides with parallel runs)."""
+    from accelerate.utils import PrepareForLaunch, patch_environment
+    from torch.multiprocessing import start_processes
+
+    with tempfile.NamedTemporaryFile() as rdv, patch_environment(
+            world_size=num_processes, master_addr="127.0.0.1", master_port=str(_free_port()),
+            accelerate_mixed_precision="no", accelerate_debug_rdv_file=rdv.name, accelerate_use_cpu="yes",
+            gloo_socket_ifname="lo"):
+        start_processes(PrepareForLaunch(fn, debug=True), args=args, nprocs=num_processes, start_method="fork")
+
+
 def test_two_processes_match_one_process_with_accumulation(tmp_path):
-    from accelerate import debug_launcher
     from accelerate.state import AcceleratorState
 
     tiny_components(tiny_recipe())  # warm lazy imports (e.g. backend probing) once, before forking
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # before forking: the workers inherit one intra-op thread each
     try:
-        debug_launcher(_worker, args=(str(tmp_path),), num_processes=2)
+        _launch_cpu(_worker, (str(tmp_path),), num_processes=2)
     finally:
         torch.set_num_threads(threads)
     grads2, _ = ck.load_tensors(tmp_path / "grads.safetensors")
