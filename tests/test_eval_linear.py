@@ -98,3 +98,10 @@ def test_linear_probe_rejects_token_features():
     tokens = FeatureSet(torch.zeros(4, 2, 3), torch.tensor([0, 1, 0, 1]))
     with pytest.raises(ValueError, match="pooled"):
         linear_probe(tokens, tokens)
+
+
+def test_grid_edges():
+    grid = linear_grid(lrs=[0.1, 1.0, 3.0], epochs=[10, 20])
+    assert protocol.grid_edges({"lr": 1.0, "epochs": 20, "batch_size": 256}, grid) == ["epochs"]
+    assert protocol.grid_edges({"lr": 3.0, "epochs": 10}, grid) == ["lr", "epochs"]
+    assert protocol.grid_edges({"lr": 1.0}, grid) == []

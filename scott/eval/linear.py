@@ -20,8 +20,8 @@ from scott.eval.protocol import FeatureSet, ProbeResult, make_grid, run_probe_pr
 
 __all__ = ["LinearProbe", "linear_grid", "linear_probe", "DEFAULT_LRS", "DEFAULT_EPOCHS"]
 
-DEFAULT_LRS = (0.01, 0.03, 0.1, 0.3, 1.0)
-DEFAULT_EPOCHS = (20, 50)
+DEFAULT_LRS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+DEFAULT_EPOCHS = (20, 50, 100)
 
 
 class LinearProbe(nn.Module):

@@ -33,6 +33,7 @@ __all__ = [
     "ProbeResult",
     "carve_validation",
     "make_grid",
+    "grid_edges",
     "train_classifier",
     "evaluate_classifier",
     "select_hyperparameters",
@@ -93,6 +94,8 @@ class ProbeResult:
             "n_test": self.n_test,
             "refit": self.refit,
             "seed": self.seed,
+            "best_at_grid_edge": grid_edges(self.best, [{k: v for k, v in r.items() if not k.startswith("val_")}
+                                                        for r in self.table]),
         }
 
 
@@ -118,6 +121,18 @@ def carve_validation(train: FeatureSet, val_fraction: float, seed: int) -> tuple
     if set(fit_idx.tolist()) & set(val_idx.tolist()):
         raise ValueError("split_train_val returned overlapping fit and validation indices")
     return train.subset(fit_idx), train.subset(val_idx)
+
+
+def grid_edges(best: dict, grid: Sequence[dict]) -> list[str]:
+    """Numeric axes (varied in ``grid``) on which ``best`` sits at the largest or smallest value:
+    a hint that the grid should be extended."""
+    edges = []
+    for key, value in best.items():
+        values = {p[key] for p in grid if key in p}
+        if len(values) > 1 and all(isinstance(v, (int, float)) for v in values):
+            if value in (min(values), max(values)):
+                edges.append(key)
+    return edges
 
 
 def make_grid(**axes: Sequence[Any]) -> list[dict]:

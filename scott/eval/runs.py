@@ -329,11 +329,17 @@ def selection_table(result, title: str):
 
 
 def probe_summary(result) -> str:
-    """One-paragraph text: how the setting was chosen and the single test measurement."""
-    return (f"selected on val ({result.n_val} images carved from train, seed {result.seed}), refit on "
-            f"{result.refit} ({result.n_refit} images)\nTEST ({result.n_test} images, evaluated once): "
-            f"top-1 {100 * result.test['top1']:.2f} %  top-5 {100 * result.test['top5']:.2f} %  "
-            f"mean per class {100 * result.test['mean_per_class']:.2f} %")
+    """Text: how the setting was chosen, the single test measurement, a grid-edge warning."""
+    lines = [
+        f"selected on val ({result.n_val} images carved from train, seed {result.seed}), "
+        f"refit on {result.refit} ({result.n_refit} images)",
+        f"TEST ({result.n_test} images, evaluated once): top-1 {100 * result.test['top1']:.2f} %  "
+        f"top-5 {100 * result.test['top5']:.2f} %  mean per class {100 * result.test['mean_per_class']:.2f} %",
+    ]
+    edges = result.to_dict()["best_at_grid_edge"]
+    if edges:
+        lines.append(f"note: the chosen {', '.join(edges)} is at the edge of the grid; consider extending it")
+    return "\n".join(lines)
 
 
 def dataset_labels(dataset) -> "torch.Tensor":
