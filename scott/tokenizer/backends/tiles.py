@@ -34,6 +34,11 @@ __all__ = ["available", "run"]
 # larger tiles (many distinct windows per tile) use one im2col GEMM on halo-padded tiles.
 MAX_PIECES = 40
 
+# Visible patches per group of images processed together (see ``run``): the SCOTT stack's
+# largest intermediate is ~21 KB per patch in float32, so groups stay under glibc's 32 MB
+# mmap threshold.
+CHUNK_TILES = 1024
+
 
 def available() -> tuple[bool, str]:
     return True, ""
@@ -52,13 +57,23 @@ def _act(x: torch.Tensor, layer) -> torch.Tensor:
     return torch.relu(x) if layer.name == "relu" else torch.nn.functional.gelu(x)
 
 
-def run(layers, images: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """``[B, D, gh, gw]`` tokens of the visible patches (exact zeros at masked ones)."""
-    if visible is None:
-        raise ValueError("the tiles backend needs a visibility mask (use the dense backend for None)")
+def _image_chunks(visible: torch.Tensor, max_tiles: int) -> list[tuple[int, int]]:
+    """Split the batch into runs of whole images holding at most ``max_tiles`` visible patches
+    (at least one image per run)."""
+    counts = visible.flatten(1).sum(1).tolist()
+    chunks, start, acc = [], 0, 0
+    for i, c in enumerate(counts):
+        if acc and acc + c > max_tiles:
+            chunks.append((start, i))
+            start, acc = i, 0
+        acc += c
+    chunks.append((start, len(counts)))
+    return chunks
+
+
+def _run_tiles(layers, images: torch.Tensor, grid: TileGrid) -> torch.Tensor:
+    """Final ``[Nv, 1, 1, D]`` tiles of one group of images."""
     b, _, h, w = images.shape
-    grid = TileGrid(visible.to(images.device))
-    layers = list(layers)
     first = layers[0]
     if first.kind == "conv":
         x = conv_from_image(images, grid, first)
@@ -82,4 +97,23 @@ def run(layers, images: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
             raise ValueError(f"tiles backend: unknown layer kind {kind!r}")
     if x.shape[1] != 1 or x.shape[2] != 1:
         raise ValueError(f"the stack leaves {x.shape[1]}x{x.shape[2]} sites per patch, expected 1")
-    return tiles_to_grid(x, grid)
+    return x
+
+
+def run(layers, images: torch.Tensor, visible: torch.Tensor,
+        max_tiles: int = CHUNK_TILES) -> torch.Tensor:
+    """``[B, D, gh, gw]`` tokens of the visible patches (exact zeros at masked ones).
+
+    The batch is processed in groups of whole images with at most ``max_tiles`` visible patches
+    (neighbours never cross images), which keeps every intermediate small enough to be reused
+    by the allocator instead of being mapped and page-faulted afresh each step."""
+    if visible is None:
+        raise ValueError("the tiles backend needs a visibility mask (use the dense backend for None)")
+    layers = list(layers)
+    visible = visible.to(images.device)
+    outs = []
+    for b0, b1 in _image_chunks(visible, max_tiles):
+        grid = TileGrid(visible[b0:b1])
+        outs.append(_run_tiles(layers, images[b0:b1], grid))
+    x = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+    return tiles_to_grid(x, TileGrid(visible))
