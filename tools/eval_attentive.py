@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rich.console import Console  # noqa: E402
 
 from scott.config import run_cli  # noqa: E402
-from scott.eval.attentive import attentive_grid, attentive_probe  # noqa: E402
+from scott.eval.attentive import DEFAULT_LRS, attentive_grid, attentive_probe  # noqa: E402
 from scott.eval.runs import (  # noqa: E402
     add_source_args, command_line, default_cache_dir, default_json_path, probe_features,
     probe_summary, resolve_device, result_record, selection_table, source_from_args, write_json,
@@ -28,7 +28,7 @@ from scott.eval.runs import (  # noqa: E402
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_args(parser)
-    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-4], help="AdamW learning-rate grid")
+    parser.add_argument("--lrs", type=float, nargs="+", default=list(DEFAULT_LRS), help="AdamW learning-rate grid")
     parser.add_argument("--epochs", type=int, nargs="+", default=[20], help="epoch grid")
     parser.add_argument("--heads", type=int, default=4, help="attention heads of the pooling [4]")
     parser.add_argument("--queries", type=int, default=1, help="learned queries [1]")

@@ -17,7 +17,9 @@ import torch.nn as nn
 
 from scott.eval.protocol import FeatureSet, ProbeResult, make_grid, run_probe_protocol
 
-__all__ = ["AttentiveProbe", "attentive_grid", "attentive_probe"]
+__all__ = ["AttentiveProbe", "attentive_grid", "attentive_probe", "DEFAULT_LRS"]
+
+DEFAULT_LRS = (3e-3, 1e-3, 3e-4)
 
 
 class AttentiveProbe(nn.Module):
@@ -54,7 +56,7 @@ class AttentiveProbe(nn.Module):
 
 
 def attentive_grid(
-    lrs: Sequence[float] = (1e-3, 3e-4),
+    lrs: Sequence[float] = DEFAULT_LRS,
     epochs: Sequence[int] = (20,),
     batch_size: int = 128,
     weight_decay: float = 0.05,
