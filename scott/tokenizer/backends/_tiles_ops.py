@@ -379,7 +379,6 @@ class PiecesConv(torch.autograd.Function):
                 _add_weight_grad(gwk, pc, gemm(a.t(), g), c, d)
         gw = gwk.permute(3, 2, 0, 1).contiguous() if need_w else None
         gb = gy.sum((0, 1, 2)) if (need_b and ctx.has_bias) else None
-        ctx.pieces = None
         return gx, gw, gb, None, None
 
 
