@@ -129,3 +129,29 @@ def test_span():
     assert span(-3, 4, 4, -1) == (1, 4)
     assert span(-3, 4, 4, 0) == (0, 4)
     assert span(-3, 4, 4, 1) is None
+
+
+def test_batch_without_any_visible_patch_gives_zeros_and_zero_gradients():
+    from scott.tokenizer import Tokenizer
+
+    tok = Tokenizer(embed_dim=8, patch_size=16, stack="scott", hidden_dim=4, backend="tiles").double()
+    images = torch.randn(2, 3, 32, 48, dtype=torch.float64, requires_grad=True)
+    out = tok(images, torch.zeros(2, 2, 3, dtype=torch.bool))
+    out.sum().backward()
+    assert out.shape == (2, 6, 8) and torch.equal(out, torch.zeros_like(out))
+    assert torch.equal(images.grad, torch.zeros_like(images.grad))
+    for p in tok.parameters():
+        assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p.grad))
+
+
+def test_groups_of_images_give_the_same_result_as_one_group():
+    from scott.tokenizer import Tokenizer
+    from scott.tokenizer.backends import tiles
+
+    tok = Tokenizer(embed_dim=8, patch_size=16, stack="scott", hidden_dim=4).double()
+    gen = torch.Generator().manual_seed(4)
+    images = torch.randn(5, 3, 48, 48, generator=gen, dtype=torch.float64)
+    visible = torch.rand(5, 3, 3, generator=gen) < 0.5
+    one = tiles.run(tok.layers, images, visible, max_tiles=10_000)
+    many = tiles.run(tok.layers, images, visible, max_tiles=2)
+    assert torch.allclose(one, many, rtol=0, atol=1e-13)

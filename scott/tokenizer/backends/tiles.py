@@ -111,9 +111,22 @@ def run(layers, images: torch.Tensor, visible: torch.Tensor,
         raise ValueError("the tiles backend needs a visibility mask (use the dense backend for None)")
     layers = list(layers)
     visible = visible.to(images.device)
+    if not bool(visible.any()):
+        return _all_masked(layers, images, visible)
     outs = []
     for b0, b1 in _image_chunks(visible, max_tiles):
         grid = TileGrid(visible[b0:b1])
         outs.append(_run_tiles(layers, images[b0:b1], grid))
     x = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
     return tiles_to_grid(x, TileGrid(visible))
+
+
+def _all_masked(layers, images: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Zeros for a batch without any visible patch, still connected to the input and every
+    parameter so that their gradients are (exact) zeros rather than missing."""
+    b, gh, gw = visible.shape
+    dim = [m for m in layers if m.kind == "conv"][-1].out_channels
+    anchor = images.sum() * 0
+    for p in (p for m in layers for p in m.parameters()):
+        anchor = anchor + p.sum() * 0
+    return images.new_zeros(b, dim, gh, gw) + anchor
