@@ -40,8 +40,13 @@ def gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` for 2-D tensors (either may be a transposed view), exact to fp rounding;
     float32 CPU GEMMs go through oneDNN when it works (faster than BLAS on some CPUs)."""
     if a.dtype == torch.float32 and a.device.type == "cpu" and _onednn_linear_works():
-        return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
+        # oneDNN is fast on dense or transposed-dense operands; others are copied first
+        return torch.ops.mkldnn._linear_pointwise(_dense2d(a), _dense2d(b.t()), None, "none", [], "")
     return torch.mm(a, b)
+
+
+def _dense2d(m: torch.Tensor) -> torch.Tensor:
+    return m if (m.is_contiguous() or m.t().is_contiguous()) else m.contiguous()
 
 
 def _directions(before: int, after: int, t: int) -> range:
@@ -276,13 +281,13 @@ def pieces_plan(t: int, k: int, s: int, p: int) -> list[_Piece]:
     return plan
 
 
-def _piece_weight(wkkcd: torch.Tensor, pc: _Piece) -> torch.Tensor:
-    """``[rows*cols*C, G*D]`` weight of a piece from the weight in ``[k, k, C, D]`` layout;
-    column block ``g`` (output position ``g`` of the piece, row-major) holds its taps."""
+def _piece_weight(wdkkc: torch.Tensor, pc: _Piece) -> torch.Tensor:
+    """``[G*D, rows*cols*C]`` (transposed) weight of a piece from the weight in ``[D, k, k, C]``
+    layout; row block ``g`` (output position ``g`` of the piece, row-major) holds its taps."""
     hr, hc = pc.rows[1] - pc.rows[0], pc.cols[1] - pc.cols[0]
-    blocks = [wkkcd[ty:ty + hr, tx:tx + hc] for ty in pc.taps_y for tx in pc.taps_x]
-    wb = blocks[0].unsqueeze(3) if len(blocks) == 1 else torch.stack(blocks, 3)  # [hr, hc, C, G, D]
-    return wb.reshape(hr * hc * wkkcd.shape[2], -1)
+    blocks = [wdkkc[:, ty:ty + hr, tx:tx + hc] for ty in pc.taps_y for tx in pc.taps_x]
+    wb = blocks[0] if len(blocks) == 1 else torch.cat(blocks, 0)  # [G*D, hr, hc, C]
+    return wb.reshape(wb.shape[0], -1)
 
 
 def _is_whole(pc: _Piece, t: int, to: int) -> bool:
@@ -300,7 +305,7 @@ class PiecesConv(torch.autograd.Function):
         n, t, _, c = x.shape
         d = weight.shape[0]
         to = max(pc.out_rows[1] for pc in plan)
-        wk = weight.permute(2, 3, 1, 0).contiguous()  # [k, k, C, D]
+        wk = weight.permute(0, 2, 3, 1).contiguous()  # [D, k, k, C]
         wps, inputs, targets = [], [], []
         y = None
         for pc in plan:
@@ -318,14 +323,14 @@ class PiecesConv(torch.autograd.Function):
             inputs.append(a)
             targets.append((pc, centre, nb))
             if _is_whole(pc, t, to):
-                y = gemm(a, wp).view(n, to, to, d)
+                y = gemm(a, wp.t()).view(n, to, to, d)
         if y is None:
             y = x.new_zeros(n, to, to, d)
         for (pc, centre, nb), a, wp in zip(targets, inputs, wps):
             if _is_whole(pc, t, to):
                 continue
             gi, gj = pc.out_rows[1] - pc.out_rows[0], pc.out_cols[1] - pc.out_cols[0]
-            r = gemm(a, wp).view(a.shape[0], gi, gj, d)
+            r = gemm(a, wp.t()).view(a.shape[0], gi, gj, d)
             dst = y[:, slice(*pc.out_rows), slice(*pc.out_cols)]
             if centre is None:
                 dst += r
@@ -347,18 +352,18 @@ class PiecesConv(torch.autograd.Function):
         gy = gy.contiguous()
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gx = None
-        gwk = weight.new_zeros(weight.shape[2], weight.shape[3], c, d) if need_w else None
+        gwk = weight.new_zeros(d, weight.shape[2], weight.shape[3], c) if need_w else None
         rest = []
         for (pc, centre, nb), a, wp in ctx.pieces:
             if _is_whole(pc, t, to):
                 g = gy.view(n, -1)
                 if need_x:
-                    gx = gemm(g, wp.t()).view(n, t, t, c)
+                    gx = gemm(g, wp).view(n, t, t, c)
             else:
                 rest.append((pc, centre, nb, a, wp))
                 continue
             if need_w:
-                _add_weight_grad(gwk, pc, gemm(a.t(), g), c, d)
+                _add_weight_grad(gwk, pc, gemm(g.t(), a), c, d)
         if need_x and gx is None:
             gx = gy.new_zeros(n, t, t, c)
         for pc, centre, nb, a, wp in rest:
@@ -368,7 +373,7 @@ class PiecesConv(torch.autograd.Function):
             else:
                 g = gy[centre, orows, ocols].reshape(centre.numel(), -1)
             if need_x:
-                ga = gemm(g, wp.t()).view(g.shape[0], pc.rows[1] - pc.rows[0],
+                ga = gemm(g, wp).view(g.shape[0], pc.rows[1] - pc.rows[0],
                                               pc.cols[1] - pc.cols[0], c)
                 dst = gx[:, slice(*pc.rows), slice(*pc.cols)]
                 if nb is None:
@@ -376,19 +381,19 @@ class PiecesConv(torch.autograd.Function):
                 else:
                     dst.index_add_(0, nb, ga)
             if need_w:
-                _add_weight_grad(gwk, pc, gemm(a.t(), g), c, d)
-        gw = gwk.permute(3, 2, 0, 1).contiguous() if need_w else None
+                _add_weight_grad(gwk, pc, gemm(g.t(), a), c, d)
+        gw = gwk.permute(0, 3, 1, 2).contiguous() if need_w else None
         gb = gy.sum((0, 1, 2)) if (need_b and ctx.has_bias) else None
         return gx, gw, gb, None, None
 
 
 def _add_weight_grad(gwk: torch.Tensor, pc: _Piece, gwp: torch.Tensor, c: int, d: int) -> None:
-    """Add a piece's ``[rows*cols*C, G*D]`` weight gradient into ``gwk [k, k, C, D]``."""
+    """Add a piece's ``[G*D, rows*cols*C]`` weight gradient into ``gwk [D, k, k, C]``."""
     hr, hc = pc.rows[1] - pc.rows[0], pc.cols[1] - pc.cols[0]
-    gwp = gwp.view(hr, hc, c, len(pc.taps_y), len(pc.taps_x), d)
+    gwp = gwp.view(len(pc.taps_y), len(pc.taps_x), d, hr, hc, c)
     for iy, ty in enumerate(pc.taps_y):
         for ix, tx in enumerate(pc.taps_x):
-            gwk[ty:ty + hr, tx:tx + hc] += gwp[:, :, :, iy, ix]
+            gwk[:, ty:ty + hr, tx:tx + hc] += gwp[iy, ix]
 
 
 def conv_pieces(x: torch.Tensor, grid: TileGrid, conv, plan) -> torch.Tensor:
