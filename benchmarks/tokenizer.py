@@ -98,7 +98,8 @@ def header(device: torch.device) -> list[str]:
     lines = [
         f"torch {torch.__version__}, device {device}, torch threads {torch.get_num_threads()}, "
         f"interop threads {torch.get_num_interop_threads()}, os.cpu_count {os.cpu_count()}",
-        f"cpu {platform.processor() or platform.machine()}, python {platform.python_version()}",
+        f"cpu {platform.processor() or platform.machine()}, python {platform.python_version()}, "
+        f"load average at start {os.getloadavg()[0]:.2f} (other processes share these cores)",
         f"allocator env: {malloc or 'none set (glibc defaults)'}",
         f"stack scott, {IMG} px, {IN_CHANS} -> 64 -> {DIM} channels, block masks, fwd+bwd "
         f"(images without grad), median ms",
@@ -115,7 +116,11 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true", help="batch 8 only, 3 reps")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for every backend (default: torch's default)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.batch, args.reps = [8], 3
     device = torch.device(args.device)
@@ -136,6 +141,7 @@ def main(argv=None) -> None:
     for n in names:
         table.add_column(n, justify="right")
     table.add_column("auto picks")
+    table.caption = "load average after the run: %.2f" % os.getloadavg()[0]
     for (batch, frac), (ms, pick) in results.items():
         cells = [f"{ms[n]:.1f} ({ms[base] / ms[n]:.2f}x)" for n in names]
         table.add_row(str(batch), f"{frac:.0%}", *cells, pick)
