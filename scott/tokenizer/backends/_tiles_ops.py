@@ -1,9 +1,11 @@
 """Layer operations of the ``tiles`` backend on stacks of visible tiles ``[Nv, t, t, C]``.
 
 Within a visible tile every site is visible, so no re-masking is ever needed: the only place the
-mask acts is the halo, which is copied from VISIBLE neighbours and left at zero elsewhere. All
-functions here are plain differentiable torch code except :class:`PiecesConv`, a hand-written
-autograd function (tested against autograd in ``tests/test_tiles_internals.py``).
+mask acts is the halo, which is copied from VISIBLE neighbours and left at zero elsewhere.
+Everything is differentiable torch code except two hand-written autograd functions:
+:class:`HaloPad` (halo gather; its backward is the adjoint scatter-add) and :class:`PiecesConv`
+(the submanifold conv as GEMM pieces), both tested in ``tests/test_tiles_internals.py``.
+Max-pool and blur run the same native kernels as the dense reference on halo-padded tiles.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 from ._tiles_grid import TileGrid, span
 
 __all__ = ["pad_tiles", "halo_pad", "halo_unpad", "HaloPad", "conv_im2col", "conv_from_image",
-           "maxpool_tiles", "blur", "blur_tiles", "PiecesConv", "gemm",
+           "maxpool_tiles", "blur", "PiecesConv", "gemm",
            "conv_pieces", "pieces_plan", "tiles_to_grid"]
 
 
@@ -207,22 +209,6 @@ def blur(x: torch.Tensor, grid: TileGrid, stride: int) -> torch.Tensor:
     return _nhwc(F.conv2d(_nchw(xp), kernel, None, stride, 0, 1, c))
 
 
-def blur_tiles(xp: torch.Tensor, stride: int) -> torch.Tensor:
-    """Binomial 3x3 blur of already halo-padded tiles (valid), separable, with the given stride."""
-    return _blur_axis(_blur_axis(xp, 1, stride), 2, stride)
-
-
-def _blur_axis(x: torch.Tensor, dim: int, stride: int) -> torch.Tensor:
-    """Valid [1, 2, 1] / 4 filter along ``dim`` with ``stride``."""
-    to = (x.shape[dim] - 3) // stride + 1
-    end = (to - 1) * stride + 1
-    every = (slice(None),) * dim + (slice(None, None, stride),)
-    a = x.narrow(dim, 0, end)[every]
-    b = x.narrow(dim, 1, end)[every]
-    c = x.narrow(dim, 2, end)[every]
-    return (a + c) * 0.25 + b * 0.5
-
-
 def tiles_to_grid(x: torch.Tensor, grid: TileGrid) -> torch.Tensor:
     """Final ``[Nv, 1, 1, D]`` tiles -> ``[B, D, gh, gw]`` with zeros at masked patches."""
     d = x.shape[-1]
@@ -397,4 +383,6 @@ def _add_weight_grad(gwk: torch.Tensor, pc: _Piece, gwp: torch.Tensor, c: int, d
 
 
 def conv_pieces(x: torch.Tensor, grid: TileGrid, conv, plan) -> torch.Tensor:
+    """``conv`` (a :class:`~scott.tokenizer.layers.Conv`) on tiles ``[Nv, t, t, C]`` as GEMM
+    pieces (``plan = pieces_plan(t, k, s, p)``) -> ``[Nv, t/s, t/s, out]``."""
     return PiecesConv.apply(x, conv.weight, conv.bias, grid, plan)

@@ -9,16 +9,19 @@ re-masking is needed.
 
 Per layer:
 
-* first conv: gathered straight from the masked, padded image (one im2col GEMM over the
-  windows of visible patches only);
+* first conv: the masked, padded image is cut into visible tiles with their halo and one
+  valid ``conv2d`` (oneDNN) runs on that stack;
 * a conv whose input tiles are small next to its kernel (e.g. SCOTT's 64 -> 384 7x7 stride-2
   conv on 4x4 tiles, ~90 % of the work): GEMM pieces, one per neighbour direction and tap
-  block, computed only for tiles whose neighbour there is visible (true submanifold work);
+  block, computed only for tiles whose neighbour there is visible (true submanifold work:
+  masked neighbours' zeros are skipped, not multiplied); float32 GEMMs run on oneDNN;
 * any other conv: halo-padded tiles, im2col, one GEMM;
-* max-pool / blur: halo-padded tiles and shifted slices; activations: element-wise.
+* max-pool / blur: the dense reference's own kernels on halo-padded tiles; activations:
+  element-wise.
 
 Halos may reach past the direct neighbours (e.g. a 7x7 conv on 1x1 tiles): every op takes the
-neighbour radius it needs.
+neighbour radius it needs. The batch is processed in groups of whole images (neighbours never
+cross images) so intermediates stay small enough for the allocator to reuse.
 """
 from __future__ import annotations
 
