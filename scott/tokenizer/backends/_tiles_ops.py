@@ -135,39 +135,61 @@ def _halo_regions(t: int, before: int, after: int):
     return out
 
 
+def _rect(rows: slice | tuple, cols: slice | tuple, width: int, device) -> torch.Tensor:
+    """Row-major pixel offsets of a rectangle inside a tile of the given width."""
+    r0, r1 = (rows.start, rows.stop) if isinstance(rows, slice) else rows
+    c0, c1 = (cols.start, cols.stop) if isinstance(cols, slice) else cols
+    r = torch.arange(r0, r1, device=device)
+    c = torch.arange(c0, c1, device=device)
+    return (r[:, None] * width + c[None, :]).reshape(-1)
+
+
+def _flat_rows(tiles: torch.Tensor, pixels: torch.Tensor, tile_pixels: int) -> torch.Tensor:
+    """Rows of a ``[Nv * tile_pixels, C]`` view: every pixel of ``pixels`` in every tile."""
+    return (tiles[:, None] * tile_pixels + pixels[None, :]).reshape(-1)
+
+
 def halo_pad(x: torch.Tensor, grid: TileGrid, before: int, after: int) -> torch.Tensor:
-    """Non-differentiable :func:`pad_tiles` (used inside the hand-written autograd functions)."""
+    """Non-differentiable :func:`pad_tiles` (used inside the hand-written autograd functions).
+
+    Halo strips are moved with flat row gathers/scatters (``index_select`` / ``index_copy_``
+    on ``[pixels, C]`` views), several times faster than advanced indexing of strided views."""
+    x = x.contiguous()
     n, t, _, c = x.shape
     size = t + before + after
     out = x.new_empty(n, size, size, c)
+    src, dst = x.view(-1, c), out.view(-1, c)
     for dy, dx, pr, pc, nr, nc in _halo_regions(t, before, after):
         if dy == 0 and dx == 0:
             out[:, pr, pc] = x
             continue
         centre, nb = grid.pairs(dy, dx)
-        region = out[:, pr, pc]
-        if centre.numel() == n:
-            region.copy_(x[nb, nr, nc])
-        else:
-            region.zero_()
-            if centre.numel():
-                region[centre] = x[nb, nr, nc]
+        if centre.numel() < n:
+            out[:, pr, pc] = 0
+        if centre.numel():
+            rows = _flat_rows(nb, _rect(nr, nc, t, x.device), t * t)
+            dst.index_copy_(0, _flat_rows(centre, _rect(pr, pc, size, x.device), size * size),
+                            src.index_select(0, rows))
     return out
 
 
 def halo_unpad(gp: torch.Tensor, grid: TileGrid, before: int, after: int, t: int) -> torch.Tensor:
     """Adjoint of :func:`halo_pad`: gradient of padded tiles -> gradient of the tiles."""
+    n, size, _, c = gp.shape
     regions = _halo_regions(t, before, after)
     gx = None
     for dy, dx, pr, pc, nr, nc in regions:
         if dy == 0 and dx == 0:
             gx = gp[:, pr, pc].clone(memory_format=torch.contiguous_format)
+    src, dst = gp.reshape(-1, c), gx.view(-1, c)
     for dy, dx, pr, pc, nr, nc in regions:
         if dy == 0 and dx == 0:
             continue
         centre, nb = grid.pairs(dy, dx)
         if centre.numel():
-            gx[:, nr, nc].index_add_(0, nb, gp[centre, pr, pc])
+            rows = _flat_rows(centre, _rect(pr, pc, size, gp.device), size * size)
+            dst.index_add_(0, _flat_rows(nb, _rect(nr, nc, t, gp.device), t * t),
+                           src.index_select(0, rows))
     return gx
 
 
@@ -284,49 +306,49 @@ def _is_whole(pc: _Piece, t: int, to: int) -> bool:
 class PiecesConv(torch.autograd.Function):
     """Submanifold conv of tiles as GEMM pieces: each neighbour direction contributes only the
     taps that land in it, and only for tiles whose neighbour there is visible (masked
-    neighbours' zeros are skipped, not multiplied)."""
+    neighbours' zeros are skipped, not multiplied). Inputs are gathered and partial sums
+    scattered with flat row indices (``[pixels, C]`` views)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, grid, plan):
+        x = x.contiguous()
         n, t, _, c = x.shape
         d = weight.shape[0]
         to = max(pc.out_rows[1] for pc in plan)
+        dev = x.device
         wk = weight.permute(0, 2, 3, 1).contiguous()  # [D, k, k, C]
-        wps, inputs, targets = [], [], []
+        xrows = x.reshape(-1, c)
+        pieces = []  # (piece, input rows or None, output rows or None, a, weight)
         y = None
         for pc in plan:
-            wp = _piece_weight(wk, pc)
-            rows, cols = slice(*pc.rows), slice(*pc.cols)
-            if pc.dy == 0 and pc.dx == 0:
-                centre = nb = None
-                a = x.reshape(n, -1) if _is_whole(pc, t, to) else x[:, rows, cols].reshape(n, -1)
+            whole = _is_whole(pc, t, to)
+            if whole:
+                src = dst = None
+                a = x.reshape(n, -1)
             else:
-                centre, nb = grid.pairs(pc.dy, pc.dx)
-                if centre.numel() == 0:
-                    continue
-                a = x[nb, rows, cols].reshape(nb.numel(), -1)
-            wps.append(wp)
-            inputs.append(a)
-            targets.append((pc, centre, nb))
-            if _is_whole(pc, t, to):
+                if pc.dy == 0 and pc.dx == 0:
+                    centre = nb = torch.arange(n, device=dev)
+                else:
+                    centre, nb = grid.pairs(pc.dy, pc.dx)
+                    if centre.numel() == 0:
+                        continue
+                src = _flat_rows(nb, _rect(pc.rows, pc.cols, t, dev), t * t)
+                dst = _flat_rows(centre, _rect(pc.out_rows, pc.out_cols, to, dev), to * to)
+                a = xrows.index_select(0, src).view(nb.numel(), -1)
+            wp = _piece_weight(wk, pc)
+            pieces.append((pc, src, dst, a, wp))
+            if whole:
                 y = gemm(a, wp.t()).view(n, to, to, d)
         if y is None:
             y = x.new_zeros(n, to, to, d)
-        for (pc, centre, nb), a, wp in zip(targets, inputs, wps):
-            if _is_whole(pc, t, to):
-                continue
-            gi, gj = pc.out_rows[1] - pc.out_rows[0], pc.out_cols[1] - pc.out_cols[0]
-            r = gemm(a, wp.t()).view(a.shape[0], gi, gj, d)
-            dst = y[:, slice(*pc.out_rows), slice(*pc.out_cols)]
-            if centre is None:
-                dst += r
-            else:
-                dst.index_add_(0, centre, r)
+        yrows = y.view(-1, d)
+        for pc, src, dst, a, wp in pieces:
+            if dst is not None:
+                yrows.index_add_(0, dst, gemm(a, wp.t()).view(-1, d))
         if bias is not None:
             y += bias
         ctx.save_for_backward(weight)
-        ctx.grid, ctx.has_bias, ctx.xshape = grid, bias is not None, x.shape
-        ctx.pieces = list(zip(targets, inputs, wps))
+        ctx.has_bias, ctx.xshape, ctx.pieces = bias is not None, x.shape, pieces
         return y
 
     @staticmethod
@@ -334,38 +356,25 @@ class PiecesConv(torch.autograd.Function):
         (weight,) = ctx.saved_tensors
         n, t, _, c = ctx.xshape
         d = weight.shape[0]
-        to = gy.shape[1]
         gy = gy.contiguous()
+        gyrows = gy.view(-1, d)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gx = None
         gwk = weight.new_zeros(d, weight.shape[2], weight.shape[3], c) if need_w else None
-        rest = []
-        for (pc, centre, nb), a, wp in ctx.pieces:
-            if _is_whole(pc, t, to):
+        order = sorted(ctx.pieces, key=lambda p: p[2] is not None)  # the whole-tile piece first
+        for pc, src, dst, a, wp in order:
+            if dst is None:
                 g = gy.view(n, -1)
-                if need_x:
-                    gx = gemm(g, wp).view(n, t, t, c)
             else:
-                rest.append((pc, centre, nb, a, wp))
-                continue
-            if need_w:
-                _add_weight_grad(gwk, pc, gemm(g.t(), a), c, d)
-        if need_x and gx is None:
-            gx = gy.new_zeros(n, t, t, c)
-        for pc, centre, nb, a, wp in rest:
-            orows, ocols = slice(*pc.out_rows), slice(*pc.out_cols)
-            if centre is None:
-                g = gy[:, orows, ocols].reshape(n, -1)
-            else:
-                g = gy[centre, orows, ocols].reshape(centre.numel(), -1)
+                g = gyrows.index_select(0, dst).view(a.shape[0], -1)
             if need_x:
-                ga = gemm(g, wp).view(g.shape[0], pc.rows[1] - pc.rows[0],
-                                              pc.cols[1] - pc.cols[0], c)
-                dst = gx[:, slice(*pc.rows), slice(*pc.cols)]
-                if nb is None:
-                    dst += ga
+                ga = gemm(g, wp)
+                if src is None:
+                    gx = ga.view(n, t, t, c)
                 else:
-                    dst.index_add_(0, nb, ga)
+                    if gx is None:
+                        gx = gy.new_zeros(n, t, t, c)
+                    gx.view(-1, c).index_add_(0, src, ga.view(-1, c))
             if need_w:
                 _add_weight_grad(gwk, pc, gemm(g.t(), a), c, d)
         gw = gwk.permute(0, 3, 1, 2).contiguous() if need_w else None
