@@ -155,3 +155,20 @@ def test_groups_of_images_give_the_same_result_as_one_group():
     one = tiles.run(tok.layers, images, visible, max_tiles=10_000)
     many = tiles.run(tok.layers, images, visible, max_tiles=2)
     assert torch.allclose(one, many, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("k,s", [(7, 2), (3, 1), (4, 4)])
+def test_first_conv_extension_equals_the_gathered_halo(k, s):
+    from scott.tokenizer.backends._tiles_ops import conv_from_image
+
+    gen = torch.Generator().manual_seed(6)
+    vis = torch.rand(3, 3, 4, generator=gen) < 0.5
+    vis[0, 0, 0] = True
+    grid = TileGrid(vis)
+    conv = Conv(3, 5, k, s, bias=True).double()
+    torch.nn.init.normal_(conv.bias)
+    p = 8
+    images = torch.randn(3, 3, 3 * p, 4 * p, generator=gen, dtype=torch.float64)
+    plain = conv_from_image(images, grid, conv)
+    extended = conv_from_image(images, grid, conv, extend=1)
+    assert torch.allclose(extended, pad_tiles(plain, grid, 0, 1), rtol=0, atol=1e-12)

@@ -96,23 +96,44 @@ def conv_im2col(xp: torch.Tensor, conv) -> torch.Tensor:
     return y.view(n, to, to, conv.out_channels)
 
 
-def conv_from_image(images: torch.Tensor, grid: TileGrid, conv) -> torch.Tensor:
+def conv_from_image(images: torch.Tensor, grid: TileGrid, conv, extend: int = 0) -> torch.Tensor:
     """First conv of a stack straight from the images: the masked, padded image is cut into
     visible tiles with their halo (masked neighbours are zeros already) and one valid conv2d
-    runs on that stack. Returns ``[Nv, to, to, out]``."""
+    runs on that stack. Returns ``[Nv, to + extend, to + extend, out]``.
+
+    ``extend`` > 0 also computes the first ``extend`` output rows/columns of the down, right and
+    down-right neighbours (the halo a following max-pool needs), so no halo gather is needed:
+    where that neighbour is visible they equal its own outputs (same window of the same masked
+    image), where it is masked or outside they are set to zero, as the dense reference does."""
     b, c, h, w = images.shape
     p = h // grid.gh
     m = grid.visible.repeat_interleave(p, 1).repeat_interleave(p, 2)
     x = images * m.unsqueeze(1).to(images.dtype)
-    before, after = conv.p, max(0, conv.k - conv.s - conv.p)
+    before, after = conv.p, max(0, conv.k - conv.s - conv.p) + extend * conv.s
     if before or after:
         x = F.pad(x, (before, after, before, after))
     size = p + before + after
     tiles = x.unfold(2, size, p).unfold(3, size, p)  # [B, C, gh, gw, size, size]
     tiles = tiles.permute(0, 2, 3, 1, 4, 5)[grid.b, grid.gy, grid.gx]  # [Nv, C, size, size]
     tiles = tiles.contiguous(memory_format=torch.channels_last)
-    y = F.conv2d(tiles, conv.weight, conv.bias, conv.s)
-    return y.permute(0, 2, 3, 1)
+    y = F.conv2d(tiles, conv.weight, conv.bias, conv.s).permute(0, 2, 3, 1)
+    if extend:
+        y = y * _keep_extension(grid, y.shape[1] - extend, extend, y.dtype)
+    return y
+
+
+def _keep_extension(grid: TileGrid, t: int, extend: int, dtype) -> torch.Tensor:
+    """``[Nv, t+e, t+e, 1]``: 1 on a tile and on the extension sites of its visible down/right
+    neighbours, 0 on extension sites of masked or outside ones."""
+    size = t + extend
+    keep = torch.ones(grid.count, size, size, 1, dtype=dtype, device=grid.visible.device)
+    for dy, dx in ((1, 0), (0, 1), (1, 1)):
+        missing = (grid.neighbour(dy, dx) < 0).nonzero().reshape(-1)
+        if missing.numel():
+            rows = slice(t, size) if dy else slice(0, t)
+            cols = slice(t, size) if dx else slice(0, t)
+            keep[missing, rows, cols] = 0
+    return keep
 
 
 def _halo_regions(t: int, before: int, after: int):
@@ -215,10 +236,11 @@ def _nhwc(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1)
 
 
-def maxpool_tiles(x: torch.Tensor, grid: TileGrid) -> torch.Tensor:
+def maxpool_tiles(x: torch.Tensor, grid: TileGrid, padded: bool = False) -> torch.Tensor:
     """Max-pool k2 s1 (zero pad after) of tiles, the same kernel as the dense reference (so ties
-    resolve identically)."""
-    return _nhwc(F.max_pool2d(_nchw(HaloPad.apply(x, grid, 0, 1)), 2, 1))
+    resolve identically). ``padded``: ``x`` already carries its one-site halo after."""
+    xp = x if padded else HaloPad.apply(x, grid, 0, 1)
+    return _nhwc(F.max_pool2d(_nchw(xp), 2, 1))
 
 
 def blur(x: torch.Tensor, grid: TileGrid, stride: int) -> torch.Tensor:

@@ -78,8 +78,12 @@ def _run_tiles(layers, images: torch.Tensor, grid: TileGrid) -> torch.Tensor:
     """Final ``[Nv, 1, 1, D]`` tiles of one group of images."""
     b, _, h, w = images.shape
     first = layers[0]
+    padded = False
     if first.kind == "conv":
-        x = conv_from_image(images, grid, first)
+        # conv [-> act] -> maxpool: compute the max-pool's halo with the conv (no gather)
+        kinds = [m.kind for m in layers[1:3]]
+        padded = kinds[:1] == ["maxpool"] or kinds == ["act", "maxpool"]
+        x = conv_from_image(images, grid, first, extend=1 if padded else 0)
         rest = layers[1:]
     else:  # a stack that does not start with a conv: cut the masked image into tiles
         p = h // grid.gh
@@ -93,7 +97,8 @@ def _run_tiles(layers, images: torch.Tensor, grid: TileGrid) -> torch.Tensor:
         elif kind == "conv":
             x = _conv(x, grid, layer)
         elif kind == "maxpool":
-            x = maxpool_tiles(x, grid)
+            x = maxpool_tiles(x, grid, padded=padded)
+            padded = False
         elif kind == "blur":
             x = blur(x, grid, layer.s)
         else:
