@@ -172,3 +172,20 @@ def test_first_conv_extension_equals_the_gathered_halo(k, s):
     plain = conv_from_image(images, grid, conv)
     extended = conv_from_image(images, grid, conv, extend=1)
     assert torch.allclose(extended, pad_tiles(plain, grid, 0, 1), rtol=0, atol=1e-12)
+
+
+def test_runs_under_cpu_bf16_autocast_close_to_fp32():
+    from scott.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    tok = Tokenizer(embed_dim=16, patch_size=16, stack="scott", hidden_dim=8, backend="tiles")
+    gen = torch.Generator().manual_seed(8)
+    images = torch.randn(2, 3, 48, 48, generator=gen)
+    visible = torch.rand(2, 3, 3, generator=gen) < 0.6
+    visible[0, 0, 0] = True
+    ref = tok(images, visible).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tok(images, visible)
+    out.float().sum().backward()
+    assert float((out.float() - ref).abs().max()) < 0.05 * float(ref.abs().max())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in tok.parameters())

@@ -416,4 +416,8 @@ def _add_weight_grad(gwk: torch.Tensor, pc: _Piece, gwp: torch.Tensor, c: int, d
 def conv_pieces(x: torch.Tensor, grid: TileGrid, conv, plan) -> torch.Tensor:
     """``conv`` (a :class:`~scott.tokenizer.layers.Conv`) on tiles ``[Nv, t, t, C]`` as GEMM
     pieces (``plan = pieces_plan(t, k, s, p)``) -> ``[Nv, t/s, t/s, out]``."""
-    return PiecesConv.apply(x, conv.weight, conv.bias, grid, plan)
+    w, b = conv.weight, conv.bias
+    if w.dtype != x.dtype:  # autocast: the first conv ran in reduced precision
+        w = w.to(x.dtype)
+        b = None if b is None else b.to(x.dtype)
+    return PiecesConv.apply(x, w, b, grid, plan)
