@@ -1,6 +1,7 @@
 """``scott.Tokenizer``: images + an explicit patch visibility mask -> ViT tokens."""
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Sequence
 
@@ -22,15 +23,19 @@ def _backend_module(name: str):
     return importlib.import_module(f"scott.tokenizer.backends.{name if name != 'spconv' else 'spconv_backend'}")
 
 
+@functools.cache
+def backend_available(name: str) -> tuple[bool, str]:
+    """``(available, reason_if_not)`` for one backend; probed once per process (importing
+    spconv takes seconds, so a backend is only probed when it is named or considered)."""
+    try:
+        return _backend_module(name).available()
+    except ImportError as exc:  # a backend module that cannot import is unavailable
+        return False, str(exc)
+
+
 def available_backends() -> dict[str, tuple[bool, str]]:
     """``{name: (available, reason_if_not)}`` for every backend."""
-    out = {}
-    for name in BACKENDS:
-        try:
-            out[name] = _backend_module(name).available()
-        except ImportError as exc:  # a backend module that cannot import is unavailable
-            out[name] = (False, str(exc))
-    return out
+    return {name: backend_available(name) for name in BACKENDS}
 
 
 def _to_pair(v) -> tuple[int, int] | None:
@@ -128,7 +133,7 @@ class Tokenizer(nn.Module):
         if name != "auto":
             if name not in BACKENDS:
                 raise ValueError(f"unknown backend {name!r}; choose auto, {', '.join(BACKENDS)}")
-            ok, why = available_backends()[name]
+            ok, why = backend_available(name)
             if not ok:
                 raise RuntimeError(f"backend {name!r} is not available: {why}")
         self._backend = name
@@ -142,10 +147,9 @@ class Tokenizer(nn.Module):
         frac = float(visible.float().mean()) if visible.numel() else 0.0
         if frac > DENSE_ABOVE:
             return "dense"
-        avail = available_backends()
-        if images.device.type == "cuda" and avail["spconv"][0]:
+        if images.device.type == "cuda" and backend_available("spconv")[0]:
             return "spconv"
-        return "tiles" if avail["tiles"][0] else "dense"
+        return "tiles" if backend_available("tiles")[0] else "dense"
 
     # ----------------------------------------------------------------------- forward
     def _check_size(self, h: int, w: int) -> None:
