@@ -128,6 +128,7 @@ SCHEMA: Mapping[str, Mapping[str, Field]] = {
         "num_heads": _pos_int(6),
         "mlp_ratio": _pos_float(4.0),
         "hidden_dim": _pos_int(64),
+        "token_norm": Field("bool", True),
         "context_tokens": Field("choice", "visible", choices=("visible", "all")),
         "predictor_depth": _pos_int(3),
         "predictor_dim": _pos_int(None, nullable=True),

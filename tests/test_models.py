@@ -94,7 +94,7 @@ def test_visible_mode_equals_attention_over_visible_tokens_only():
     enc = _encoder()
     x = torch.randn(2, 3, 16, 16)
     vis = _visible(b=2, nv=6)
-    tok = enc.tokenizer(x, vis)
+    tok = torch.nn.functional.layer_norm(enc.tokenizer(x, vis), (enc.embed_dim,))  # token_norm
     pos = enc.pos_embed[0]
     for b in range(2):
         idx = vis[b].flatten().nonzero().flatten()
