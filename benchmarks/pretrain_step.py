@@ -3,6 +3,7 @@
     python benchmarks/pretrain_step.py                       # 224 px, ViT-S/16, batch 8
     python benchmarks/pretrain_step.py --depth 2 --reps 3    # quick, smaller check
     python benchmarks/pretrain_step.py --profile             # also: top ops of one step each
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/pretrain_step.py   # on a loaded, shared machine
 
 One step = forward (context encoder on the masked view, predictor, EMA target encoder on the
 full view, loss on the target patches) + backward + AdamW step + EMA update of the target.
@@ -147,6 +148,9 @@ def main(argv=None) -> None:
     console.print(f"torch {torch.__version__}, torch threads {torch.get_num_threads()}, interop "
                   f"{torch.get_num_interop_threads()}, os.cpu_count {os.cpu_count()}, "
                   f"cpu {platform.processor() or platform.machine()}, python {platform.python_version()}")
+    omp = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "GOMP_", "KMP_"))}
+    console.print(f"OpenMP/MKL env: {omp or 'none set'} (on a shared, loaded machine "
+                  "OMP_WAIT_POLICY=PASSIVE matters a lot, see docs/benchmarks.md)")
     console.print(f"load average at start {load_start[0]:.2f} / {load_start[1]:.2f} / {load_start[2]:.2f} "
                   "(1/5/15 min; other processes share these cores)")
     console.print(f"recipe {RECIPE.name} + {' '.join(overrides)}; {args.img_size} px, patch "
