@@ -600,16 +600,20 @@ def knn_monitor(encoder: nn.Module, recipe: Mapping, eval_transform_spec: Mappin
 
 def compare_with_random_init(run_dir: str | Path, recipe: Mapping, k: int | None = None,
                              split: str | None = None, device=None) -> dict[str, float]:
-    """kNN top-1 on ``split`` (default ``data.eval_split``) of the pretrained target encoder and of
-    a randomly initialised encoder of the same recipe (seed ``train.seed``).
+    """kNN top-1 on ``split`` (default ``data.eval_split``) of the pretrained target encoder, the
+    pretrained context encoder and a randomly initialised encoder of the same recipe (seed
+    ``train.seed``).
 
-    This is a report of a finished run (nothing is selected on it).
+    Both pretrained encoders are reported because on short runs the EMA target still lags the
+    context encoder (momentum 0.996 -> 1 leaves it close to its initial weights). This is a
+    report of a finished run (nothing is selected on it).
     """
     from scott.eval.features import load_encoder
     from scott.models import build_encoder
 
     split = split or recipe["data"]["eval_split"]
     trained = load_encoder(run_dir, which="target", device=device)
+    context = load_encoder(run_dir, which="context", device=device)
     torch.manual_seed(int(recipe["train"]["seed"]))
     random_init = build_encoder(recipe["model"])
     random_init.model_cfg = dict(recipe["model"])
@@ -617,6 +621,7 @@ def compare_with_random_init(run_dir: str | Path, recipe: Mapping, k: int | None
     k = int(k or recipe["train"]["monitor_k"])
     sets = knn_sets(recipe, split)
     return {"pretrained": knn_monitor(trained, recipe, spec, k, split, device, sets),
+            "pretrained_context": knn_monitor(context, recipe, spec, k, split, device, sets),
             "random_init": knn_monitor(random_init, recipe, spec, k, split, device, sets),
             "k": k, "split": split}
 

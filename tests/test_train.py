@@ -318,6 +318,7 @@ def test_knn_monitor_and_random_init_report(tmp_path):
     report = compare_with_random_init(tmp_path, recipe, split="val")
     assert report["pretrained"] == pytest.approx(top1, abs=1e-9)
     assert 0.3 < report["random_init"] <= 1.0 and report["k"] == 10
+    assert 0.3 < report["pretrained_context"] <= 1.0
 
 
 @pytest.mark.slow

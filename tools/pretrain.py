@@ -51,7 +51,9 @@ def main(argv=None) -> int:
         return 0
     report = compare_with_random_init(output, recipe, device=summary.get("device"))
     print(f"kNN top-1 (k={report['k']}) on the {report['split']} split: "
-          f"pretrained {100 * report['pretrained']:.2f} %, random init {100 * report['random_init']:.2f} %")
+          f"pretrained target encoder {100 * report['pretrained']:.2f} %, "
+          f"pretrained context encoder {100 * report['pretrained_context']:.2f} %, "
+          f"random init {100 * report['random_init']:.2f} %")
     return 0
 
 
