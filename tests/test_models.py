@@ -170,3 +170,22 @@ def test_predictor_all_mode_requires_full_context():
     pred = build_predictor(CFG, (4, 4))
     with pytest.raises(ValueError):
         pred(torch.randn(1, 5, 32))
+
+
+def test_token_norm_balances_tokens_against_positions():
+    """With token_norm the encoder ignores the tokenizer's output scale (so sin-cos positions can
+    never dwarf the content); without it the same rescaling changes the output."""
+    x = torch.randn(2, 3, 16, 16)
+    vis = _visible(b=2, nv=6)
+    diffs = {}
+    for token_norm in (True, False):
+        enc = _encoder(token_norm=token_norm)
+        with torch.no_grad():
+            a = enc(x, vis, context_tokens="visible")
+            last_conv = [m for m in enc.tokenizer.layers if m.kind == "conv"][-1]
+            last_conv.weight.mul_(10.0)
+            b = enc(x, vis, context_tokens="visible")
+        diffs[token_norm] = float((a - b).abs().max())
+    # Only LayerNorm's eps (1e-5 against token variances ~1e-2) separates the two with the norm.
+    assert diffs[True] < 1e-2
+    assert diffs[False] > 0.1
