@@ -20,8 +20,8 @@ from rich.console import Console  # noqa: E402
 from scott.config import run_cli  # noqa: E402
 from scott.eval.attentive import DEFAULT_LRS, attentive_grid, attentive_probe  # noqa: E402
 from scott.eval.runs import (  # noqa: E402
-    add_source_args, command_line, default_cache_dir, default_json_path, probe_features,
-    probe_summary, resolve_device, result_record, selection_table, source_from_args, write_json,
+    log_probe_candidate,
+    add_source_args, command_line, default_cache_dir, probe_features, report_probe, resolve_device, source_from_args,
 )
 
 
@@ -59,23 +59,9 @@ def main(argv=None):
     val_fraction = args.val_fraction or float(source.recipe["data"]["val_fraction"])
     grid = attentive_grid(args.lrs, args.epochs, args.probe_batch_size, args.weight_decay, args.heads, args.queries)
     result = attentive_probe(train, test, grid=grid, val_fraction=val_fraction, seed=args.seed,
-                             refit=args.refit, device=device,
-                             on_result=lambda r: console.log(f"lr {r['lr']} epochs {r['epochs']}: "
-                                                             f"val top-1 {100 * r['val_top1']:.2f} %"))
-    console.print(selection_table(result, f"attentive probe: {source.description}"))
-    console.print(probe_summary(result))
-    record = result_record(
-        "eval_attentive", source, command_line(__file__, argv),
-        args.seed, len(train), len(test),
-        {"top1": result.test["top1"], "top5": result.test["top5"],
-         "mean_per_class": result.test["mean_per_class"], "probe": result.to_dict(),
-         "val_fraction": val_fraction, "pool": "tokens"},
-        {"limit_train": args.limit_train, "limit_test": args.limit_test},
-    )
-    out = args.json or default_json_path(source, "attentive")
-    if out:
-        console.print(f"results -> {write_json(out, record)}")
-    return 0
+                             refit=args.refit, device=device, on_result=log_probe_candidate(console))
+    return report_probe("eval_attentive", "attentive", "attentive probe", source, result, args,
+                        command_line(__file__, argv), len(train), len(test), val_fraction, "tokens", console)
 
 
 if __name__ == "__main__":

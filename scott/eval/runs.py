@@ -352,3 +352,26 @@ def dataset_labels(dataset) -> "torch.Tensor":
     if labels is not None:
         return torch.as_tensor(np.asarray(labels), dtype=torch.long)
     return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)
+
+
+def log_probe_candidate(console):
+    """``on_result`` callback printing one line per hyper-parameter candidate."""
+    return lambda r: console.log(f"lr {r['lr']} epochs {r['epochs']}: val top-1 {100 * r['val_top1']:.2f} %")
+
+
+def report_probe(tool: str, short: str, title: str, source: EvalSource, result, args: argparse.Namespace,
+                 command: str, n_train: int, n_test: int, val_fraction: float, pool: str, console) -> int:
+    """Print a probe's selection table and test result, and write its JSON record."""
+    console.print(selection_table(result, f"{title}: {source.description}"))
+    console.print(probe_summary(result))
+    record = result_record(
+        tool, source, command, args.seed, n_train, n_test,
+        {"top1": result.test["top1"], "top5": result.test["top5"],
+         "mean_per_class": result.test["mean_per_class"], "probe": result.to_dict(),
+         "val_fraction": val_fraction, "pool": pool},
+        {"limit_train": args.limit_train, "limit_test": args.limit_test},
+    )
+    out = args.json or default_json_path(source, short)
+    if out:
+        console.print(f"results -> {write_json(out, record)}")
+    return 0
