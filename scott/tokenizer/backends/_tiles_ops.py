@@ -62,25 +62,13 @@ def pad_tiles(x: torch.Tensor, grid: TileGrid, before: int, after: int) -> torch
         return x
     size = t + before + after
     out = x.new_zeros(n, size, size, c)
-    dirs = _directions(before, after, t)
-    for dy in dirs:
-        rs = span(-before, t + after, t, dy)
-        if rs is None:
+    for dy, dx, pr, pc, nr, nc in _halo_regions(t, before, after):
+        if dy == 0 and dx == 0:
+            out[:, pr, pc] = x
             continue
-        py = rs[0] + dy * t + before
-        for dx in dirs:
-            cs = span(-before, t + after, t, dx)
-            if cs is None:
-                continue
-            px = cs[0] + dx * t + before
-            rows = slice(py, py + rs[1] - rs[0])
-            cols = slice(px, px + cs[1] - cs[0])
-            if dy == 0 and dx == 0:
-                out[:, rows, cols] = x
-                continue
-            centre, nb = grid.pairs(dy, dx)
-            if centre.numel():
-                out[centre, rows, cols] = x[nb, rs[0]:rs[1], cs[0]:cs[1]]
+        centre, nb = grid.pairs(dy, dx)
+        if centre.numel():
+            out[centre, pr, pc] = x[nb, nr, nc]
     return out
 
 
