@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["warmup_steps", "lr_at", "wd_at", "momentum_at", "linear_at"]
+__all__ = ["warmup_steps", "lr_at", "wd_at", "momentum_at", "linear_at", "ema_initial_share"]
 
 
 def linear_at(step: int, total_steps: int, start: float, end: float) -> float:
@@ -63,3 +63,21 @@ def momentum_at(step: int, total_steps: int, objective_cfg: dict) -> float:
     start = float(objective_cfg.get("ema_start", 0.996))
     end = float(objective_cfg.get("ema_end", 1.0))
     return linear_at(step, total_steps, start, end)
+
+
+def ema_initial_share(total_steps: int, objective_cfg: dict, start_step: int = 0) -> float:
+    """Weight the EMA target still gives its initial weights after ``total_steps`` updates.
+
+    After updates ``t = start_step .. total_steps - 1`` with momentum ``m_t`` the target is
+    ``prod(m_t) * initial + (1 - prod(m_t)) * (average of the online weights)``; this returns
+    ``prod(m_t)``. With the default 0.996 -> 1 schedule it is about ``exp(-0.002 T)``: 63 % for a
+    234-step run, 4 % for 1,560 steps. A large share means the exported target encoder is
+    still mostly its random initialisation.
+    """
+    log_share = 0.0
+    for step in range(int(start_step), int(total_steps)):
+        m = momentum_at(step, total_steps, objective_cfg)
+        if m <= 0.0:
+            return 0.0
+        log_share += math.log(m)
+    return math.exp(log_share)

@@ -456,7 +456,27 @@ def _prepare_run_dir(run: PretrainRun, resume: bool) -> int:
         if start == 0 and (run_dir / "tb").is_dir():  # events of an attempt that never checkpointed
             shutil.rmtree(run_dir / "tb")
     run.acc.wait_for_everyone()
+    _note_short_ema(run)
     return start
+
+
+# Above this share of initial weights in the final EMA target, the run says so at its start.
+EMA_INITIAL_SHARE_NOTE = 0.25
+
+
+def _note_short_ema(run: PretrainRun) -> None:
+    """Tell the user when the run is too short for the EMA target to leave its initialisation."""
+    from scott.schedules import ema_initial_share
+
+    if not hasattr(run.objective, "target_encoder"):
+        return
+    share = ema_initial_share(run.total_steps, run.recipe["objective"])
+    if share > EMA_INITIAL_SHARE_NOTE:
+        run.log(f"note: after {run.total_steps} steps the EMA target encoder (momentum "
+                f"{run.recipe['objective']['ema_start']} -> {run.recipe['objective']['ema_end']}) still keeps "
+                f"{100 * share:.0f} % of its initial weights; the exported encoder.safetensors will be close to "
+                "random init. Run more steps (a smaller optim.batch_size or more epochs), lower "
+                "objective.ema_start, or evaluate the context encoder (--which context).")
 
 
 def _warn_recipe_change(run: PretrainRun, stored: Path) -> None:

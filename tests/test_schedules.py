@@ -76,3 +76,20 @@ def test_linear_at_clamps():
     assert linear_at(-5, 10, 1.0, 2.0) == 1.0
     assert linear_at(9, 10, 1.0, 2.0) == 2.0
     assert linear_at(0, 1, 1.0, 2.0) == 2.0
+
+
+def test_ema_initial_share_matches_the_product_of_momenta():
+    from scott.schedules import ema_initial_share
+
+    # constant momentum m over T updates leaves exactly m**T of the initial weights
+    assert ema_initial_share(100, {"ema_start": 0.99, "ema_end": 0.99}) == pytest.approx(0.99 ** 100)
+    # the default linear 0.996 -> 1 schedule: the demo's old 234-step run kept ~63 %, 1,560 steps ~4 %
+    cfg = {"ema_start": 0.996, "ema_end": 1.0}
+    assert ema_initial_share(234, cfg) == pytest.approx(0.627, abs=0.005)
+    assert ema_initial_share(1560, cfg) == pytest.approx(0.044, abs=0.002)
+    # a resumed run only counts the updates still to come
+    first_half = math.prod(momentum_at(s, 200, cfg) for s in range(100))
+    assert ema_initial_share(200, cfg, start_step=100) == pytest.approx(ema_initial_share(200, cfg) / first_half)
+    # momentum 1 never moves the target, momentum 0 copies the online weights
+    assert ema_initial_share(50, {"ema_start": 1.0, "ema_end": 1.0}) == 1.0
+    assert ema_initial_share(10, {"ema_start": 0.0, "ema_end": 0.0}) == 0.0

@@ -79,6 +79,16 @@ def test_sampler_rejects_indivisible_batch_and_tiny_dataset():
 
 
 # ----------------------------------------------------------------------------- run folder
+def test_run_start_says_when_the_ema_target_will_stay_near_its_init(tmp_path, capsys):
+    recipe = tiny_recipe()  # 6 steps at momentum 0.996 -> 1: the target keeps ~99 % of its init
+    _run(recipe, tmp_path / "short")
+    assert "still keeps 99 % of its initial weights" in capsys.readouterr().out
+    fast = tiny_recipe()
+    fast["objective"].update(ema_start=0.5, ema_end=0.5)  # 0.5 ** 6 = 1.6 %: no note
+    _run(fast, tmp_path / "fast")
+    assert "initial weights" not in capsys.readouterr().out
+
+
 def test_run_folder_metrics_schedules_and_exports(tmp_path):
     recipe = tiny_recipe()
     summary = _run(recipe, tmp_path)
