@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 import tempfile
 
-import pytest
 import torch
 
 from scott import checkpoint as ck

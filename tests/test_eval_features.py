@@ -1,6 +1,5 @@
 """Encoder loading (safetensors only, clear errors) and frozen feature extraction."""
 
-import json
 import pickle
 
 import numpy as np

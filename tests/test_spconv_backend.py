@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from scott.tokenizer.backends import dense
 from scott.tokenizer.backends import spconv_backend as spb
