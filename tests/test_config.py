@@ -33,7 +33,7 @@ def error_of(path, overrides=(), **kwargs) -> str:
 # --- shipped recipes -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stem", ["demo", "fashion_mnist", "flowers", "pets", "imagenet100"])
+@pytest.mark.parametrize("stem", ["demo", "fashion_mnist", "fashion_mnist_cpu", "flowers", "pets", "imagenet100"])
 def test_shipped_recipes_load(stem):
     recipe = load_recipe(RECIPES / f"{stem}.yaml", check_data=False)
     assert recipe["name"] == stem
@@ -44,7 +44,7 @@ def test_shipped_recipes_load(stem):
 
 def test_every_recipe_file_is_covered():
     assert sorted(p.stem for p in RECIPES.glob("*.yaml")) == sorted(
-        ["demo", "fashion_mnist", "flowers", "pets", "imagenet100"]
+        ["demo", "fashion_mnist", "fashion_mnist_cpu", "flowers", "pets", "imagenet100"]
     )
 
 
