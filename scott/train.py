@@ -625,8 +625,8 @@ def compare_with_random_init(run_dir: str | Path, recipe: Mapping, k: int | None
     ``train.seed``).
 
     Both pretrained encoders are reported because on short runs the EMA target still lags the
-    context encoder (momentum 0.996 -> 1 leaves it close to its initial weights). This is a
-    report of a finished run (nothing is selected on it).
+    context encoder (see :func:`scott.schedules.ema_initial_share`). This is a report of a
+    finished run (nothing is selected on it).
     """
     from scott.eval.features import load_encoder
     from scott.models import build_encoder

@@ -5,8 +5,8 @@
 
 Writes the run folder (recipe.yaml, metrics.jsonl, tb/, checkpoints/, encoder.safetensors,
 context_encoder.safetensors). Afterwards the main process prints the kNN accuracy on the
-evaluation split of the pretrained target encoder next to a random-init encoder of the same
-recipe (skip with --no-knn).
+evaluation split of the pretrained target and context encoders next to a random-init encoder of
+the same recipe (skip with --no-knn).
 
 Exit status: 0 done, 2 bad recipe / unusable output folder, 1 training stopped (non-finite loss,
 unusable checkpoints).
