@@ -130,10 +130,9 @@ def main(argv=None) -> None:
     for name, (backend, ctx) in PATHS.items():
         torch.manual_seed(args.seed)
         built[name] = build_path(backend, ctx, overrides)
-    first = next(iter(built.values()))[1]
+    recipe, first, _ = built["paper"]
     for _, objective, _ in built.values():  # same weights everywhere
         objective.load_state_dict(first.state_dict())
-    recipe = next(iter(built.values()))[0]
     model = recipe["model"]
     grid = (model["img_size"] // model["patch_size"],) * 2
     mask_gen = build_mask_generator(recipe["mask"], grid)
@@ -158,8 +157,7 @@ def main(argv=None) -> None:
                   f"{model['num_heads']}, predictor depth {model['predictor_depth']}, {mask_gen.kind} "
                   f"mask ratio {recipe['mask']['ratio']} ({num_visible}/{grid[0] * grid[1]} visible)")
     ours_obj = built["ours"][1]
-    picks = ours_obj.context_encoder.tokenizer.pick_backend(images_ctx, masks[0].visible) \
-        if hasattr(ours_obj.context_encoder, "tokenizer") else "?"
+    picks = ours_obj.context_encoder.tokenizer.pick_backend(images_ctx, masks[0].visible)
     console.print(f"ours: tokenizer backend auto -> {picks}")
 
     names = list(built)

@@ -21,8 +21,8 @@ from rich.console import Console  # noqa: E402
 from scott.config import run_cli  # noqa: E402
 from scott.eval.linear import DEFAULT_EPOCHS, DEFAULT_LRS, linear_grid, linear_probe  # noqa: E402
 from scott.eval.runs import (  # noqa: E402
-    log_probe_candidate,
-    add_source_args, command_line, default_cache_dir, probe_features, report_probe, resolve_device, source_from_args,
+    add_source_args, command_line, default_cache_dir, log_probe_candidate, probe_features, report_probe,
+    resolve_device, source_from_args,
 )
 
 
