@@ -553,7 +553,7 @@ def _check_cross_fields(recipe: dict, source: str) -> None:
 
 
 def _check_data_folder(recipe: dict, source: str) -> None:
-    """Local data that must exist: imagefolder/imagenet100 roots, fashion_mnist without download."""
+    """Local data that must exist: imagefolder/imagenet100 roots, fashion_mnist without download, a demo data.root."""
     from scott.data.roots import FASHION_MNIST_FILES, default_root, find_idx_file  # no torch
 
     data = recipe["data"]
@@ -566,18 +566,17 @@ def _check_data_folder(recipe: dict, source: str) -> None:
             raise RecipeError(f"{source}: data.root: data folder '{root}' does not exist")
         if not (root / "train").is_dir():
             raise RecipeError(f"{source}: data.root: data folder '{root}' has no 'train' subfolder")
-    elif name == "fashion_mnist" and not data["download"]:
+    elif (name == "fashion_mnist" and not data["download"]) or (name == "demo" and data["root"] is not None):
+        hint = ("remove data.root to use the embedded demo subset" if name == "demo" else
+                "install the Debian package dataset-fashion-mnist or set data.download: true")
         if not root.is_dir():
-            raise RecipeError(
-                f"{source}: data.root: data folder '{root}' does not exist "
-                "(install the Debian package dataset-fashion-mnist or set data.download: true)"
-            )
+            raise RecipeError(f"{source}: data.root: data folder '{root}' does not exist ({hint})")
         missing = [
             stem for stems in FASHION_MNIST_FILES.values() for stem in stems if find_idx_file(root, stem) is None
         ]
         if missing:
             raise RecipeError(
-                f"{source}: data.root: '{root}' lacks the Fashion-MNIST IDX files {', '.join(missing)}"
+                f"{source}: data.root: '{root}' lacks the Fashion-MNIST IDX files {', '.join(missing)} ({hint})"
             )
     elif name in ("flowers", "pets") and not data["download"] and not root.is_dir():
         raise RecipeError(

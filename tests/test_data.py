@@ -169,21 +169,27 @@ def test_corrupt_image_skip_logs_path_and_count(folder_with_corrupt, caplog):
     assert all(ds[i][0].size == (12, 10) for i in range(len(ds)))
 
 
-def test_truncated_jpeg_skipped_at_read_time(tmp_path, caplog):
+def test_truncated_jpeg_caught_by_the_scan_and_at_read_time(tmp_path, caplog):
     (tmp_path / "train" / "a").mkdir(parents=True)
     rng = np.random.default_rng(0)
-    for i in range(3):
+    for i in range(4):
         Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "train" / "a" / f"{i}.jpg")
     victim = tmp_path / "train" / "a" / "1.jpg"
     data = victim.read_bytes()
-    victim.write_bytes(data[: len(data) // 2])  # header passes the scan, decoding fails
+    victim.write_bytes(data[: len(data) // 2])  # the header (and PIL's verify) pass, decoding fails
     cfg = data_cfg(name="imagefolder", root=str(tmp_path), on_bad_image="skip")
     with caplog.at_level(logging.WARNING, logger="scott.data.datasets"):
         ds = build_dataset(cfg, "train")
-        assert len(ds) == 3  # the header scan cannot see it
-        replacement = ds[1][0]
-    assert "1.jpg" in caplog.text and "truncated" in caplog.text
-    np.testing.assert_array_equal(np.asarray(replacement), np.asarray(ds[2][0]))  # next readable image
+    assert len(ds) == 3 and victim not in ds.paths  # the scan decodes pixels
+    assert "1.jpg" in caplog.text and "truncated" in caplog.text and "skipped 1 of 4" in caplog.text
+    # a file that breaks after the scan is replaced by the next readable one at read time
+    late = tmp_path / "train" / "a" / "2.jpg"
+    late.write_bytes(late.read_bytes()[:200])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="scott.data.datasets"):
+        replacement = ds[ds.paths.index(late)][0]
+    assert "2.jpg" in caplog.text
+    np.testing.assert_array_equal(np.asarray(replacement), np.asarray(ds[ds.paths.index(late) + 1][0]))
     with pytest.raises(BadImageError, match="1.jpg"):
         build_dataset(data_cfg(name="imagefolder", root=str(tmp_path)), "train")[1]
 

@@ -23,9 +23,14 @@ Every dataset has ``labels`` (int64 numpy array), ``classes`` (list of names) an
 images to grey (1); ``None`` keeps each image's natural mode (grey for Fashion-MNIST).
 
 Bad images (``data.on_bad_image``): ``error`` raises :class:`BadImageError` naming the file the
-first time it is read; ``skip`` checks every file when the dataset is built, drops unreadable
-ones, logs each skipped path and a count, and (for files that only fail on full decoding) logs
-and replaces the item by the next readable one at read time.
+first time it is read (also from a DataLoader worker: still one line); ``skip`` decodes every
+file in full when the dataset is built, drops unreadable ones, logs each skipped path once and
+the count, and (for a file that breaks after the scan) logs and replaces the item by the next
+readable one at read time.
+
+Every :class:`DatasetError` is a :class:`scott.config.RecipeError` whose one-line message names
+the file or the recipe key (``data.root``, ``data.download``, ``optim.batch_size``) and what to
+do; the CLIs print it and exit with status 2.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from scott.config import RecipeError
 from scott.data.idx import IdxError, read_idx
 from scott.data.roots import FASHION_MNIST_FILES, default_root, find_idx_file
 
@@ -89,8 +95,33 @@ _PRETRAIN_SPLITS = {
 }
 
 
-class DatasetError(RuntimeError):
-    """A dataset cannot be built or used; the message says which data and why."""
+class DatasetError(RecipeError, RuntimeError):
+    """A dataset cannot be built or used; the one-line message names the file or recipe key and
+    what to do.
+
+    A :class:`scott.config.RecipeError`, so every CLI reports it the same way (``run_cli``: one
+    line on stderr, exit 2). Raised inside a DataLoader worker, PyTorch re-creates it in the main
+    process from a message holding the worker's traceback; the constructor keeps only the
+    original message, so the user still sees one line.
+    """
+
+    def __init__(self, message: str = ""):
+        super().__init__(_worker_message(str(message), type(self).__name__))
+
+
+def _worker_message(message: str, cls_name: str) -> str:
+    """The original message of an exception re-raised from a DataLoader worker (else ``message``)."""
+    if "Original Traceback" not in message:
+        return message
+    lines = [line for line in message.splitlines() if line.strip()]
+    worker = message.split(" in DataLoader worker process ", 1)[1].split(".", 1)[0] if (
+        " in DataLoader worker process " in message) else "?"
+    last = lines[-1].strip()
+    for prefix in (f"scott.data.datasets.{cls_name}: ", f"{cls_name}: "):
+        if last.startswith(prefix):
+            last = last[len(prefix):]
+            break
+    return f"{last} (in data loader worker {worker})"
 
 
 class BadImageError(DatasetError):
@@ -204,7 +235,8 @@ class ImageFileDataset(LabeledDataset):
                 img.load()
                 return convert_channels(img, self.in_chans)
         except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
-            raise BadImageError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
+            hint = "; replace or delete the file, or set data.on_bad_image: skip" if self.on_bad_image == "error" else ""
+            raise BadImageError(f"{path}: cannot read image ({type(exc).__name__}: {exc}){hint}") from None
 
     def load_image(self, index: int) -> Image.Image:
         if self.on_bad_image == "error":
@@ -219,20 +251,44 @@ class ImageFileDataset(LabeledDataset):
 
 
 def _readable(paths: Sequence[Path], description: str) -> list[bool]:
-    """Check every file opens as an image (header + ``verify``); log each failure and a count."""
+    """Decode every file in full (``load``, not ``verify``: a truncated JPEG passes ``verify``).
+
+    Logs each unreadable file once per process (a second scan of the same unchanged file, e.g.
+    the kNN report after pretraining, does not repeat it) and, at the end of every scan that
+    skipped files, the total.
+    """
     keep = []
     for path in paths:
-        try:
-            with Image.open(path) as img:
-                img.verify()
-            keep.append(True)
-        except Exception as exc:  # PIL raises many types for corrupt files
-            log.warning("%s: skipping unreadable image %s (%s: %s)", description, path, type(exc).__name__, exc)
-            keep.append(False)
+        key = _scan_key(path)
+        ok = _SCANNED.get(key) if key is not None else False
+        if ok is None:
+            try:
+                with Image.open(path) as img:
+                    img.load()
+                ok = True
+            except Exception as exc:  # PIL raises many types for corrupt files
+                log.warning("%s: skipping unreadable image %s (%s: %s)", description, path, type(exc).__name__, exc)
+                ok = False
+            _SCANNED[key] = ok
+        elif key is None:
+            log.warning("%s: skipping unreadable image %s (cannot stat the file)", description, path)
+        keep.append(ok)
     skipped = keep.count(False)
     if skipped:
         log.warning("%s: skipped %d of %d images (data.on_bad_image: skip)", description, skipped, len(paths))
     return keep
+
+
+#: (path, size, mtime) -> decodes; results of earlier scans in this process.
+_SCANNED: dict[tuple[str, int, int], bool] = {}
+
+
+def _scan_key(path: Path) -> tuple[str, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns)
 
 
 class LabeledConcat(LabeledDataset):
@@ -337,7 +393,10 @@ def _load_stored(name: str, root: Path | None, stored: str, data_cfg: dict, in_c
             if name == "imagefolder":
                 raise DatasetError("imagefolder: data.root is required")
             root = default_root(name)
-        paths, labels, classes = scan_image_folder(root / stored)
+        try:
+            paths, labels, classes = scan_image_folder(root / stored)
+        except DatasetError as exc:
+            raise DatasetError(f"data.root: {exc}") from None
         return ImageFileDataset(paths, labels, classes, in_chans, policy, description=f"{name} {stored} ({root / stored})")
     if name == "flowers":
         return _torchvision_files("Flowers102", root or default_root(name), stored, download, in_chans, policy)
@@ -355,18 +414,32 @@ def _fashion_mnist(name: str, root: Path, stored: str, download: bool, in_chans)
         try:
             torchvision.datasets.FashionMNIST(str(root), train=(stored == "train"), download=True)
         except Exception as exc:  # network errors come in many types
-            raise DatasetError(f"{name}: download of Fashion-MNIST into {root} failed ({exc})") from None
+            raise DatasetError(
+                f"data.download: download of Fashion-MNIST into {root} failed ({_one_line(exc)}); without "
+                "network install the Debian package dataset-fashion-mnist or set data.root to a folder "
+                "holding the IDX files") from None
         paths = [find_idx_file(root, s) for s in stems]
     if None in paths:
         missing = [s for s, p in zip(stems, paths) if p is None]
-        raise DatasetError(f"{name}: {root} lacks IDX files {', '.join(missing)} (set data.root or data.download: true)")
+        where = f"data folder '{root}' does not exist" if not root.is_dir() else f"'{root}' lacks IDX files {', '.join(missing)}"
+        hint = ("remove data.root to use the embedded demo subset, or point it at a folder with the Fashion-MNIST "
+                "IDX files" if name == "demo" else "set data.root to a folder with the IDX files, install the "
+                "Debian package dataset-fashion-mnist, or set data.download: true")
+        raise DatasetError(f"data.root: {where} ({name}); {hint}")
     try:
         images, labels = read_idx(paths[0]), read_idx(paths[1])
     except IdxError as exc:
-        raise DatasetError(f"{name}: {exc}") from None
+        raise DatasetError(f"data.root: {exc}; replace the damaged file") from None
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise DatasetError(f"{name}: {paths[0]} / {paths[1]} shapes {images.shape} / {labels.shape} do not match")
+        raise DatasetError(f"data.root: {paths[0]} / {paths[1]} shapes {images.shape} / {labels.shape} do not match; "
+                           "replace the damaged files")
     return ArrayImageDataset(images, labels, FASHION_MNIST_CLASSES, in_chans, description=f"{name} {stored}")
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: message`` of an exception on one line (network errors can span several)."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _torchvision_files(cls_name: str, root: Path, stored: str, download: bool, in_chans, policy) -> ImageFileDataset:
@@ -378,9 +451,13 @@ def _torchvision_files(cls_name: str, root: Path, stored: str, download: bool, i
     except ImportError as exc:
         raise DatasetError(f"{cls_name}: needs an extra package ({exc}); for Flowers102 install scipy") from None
     except Exception as exc:  # missing files / failed download
+        if download:
+            raise DatasetError(
+                f"data.download: {cls_name} {stored}: download into {root} failed ({_one_line(exc)}); without "
+                "network, copy the dataset there or set data.root to a folder holding it") from None
         raise DatasetError(
-            f"{cls_name} {stored}: cannot load from {root} ({exc}); set data.root to the folder holding "
-            "the data or data.download: true"
+            f"data.root: {cls_name} {stored}: cannot load from {root} ({_one_line(exc)}); set data.root to the "
+            "folder holding the data or data.download: true"
         ) from None
     paths = getattr(tv, "_image_files", None) or getattr(tv, "_images", None)
     labels = getattr(tv, "_labels", None)
@@ -425,7 +502,7 @@ def check_dataset_size(dataset, batch_size: int, what: str | None = None) -> Non
     what = what or getattr(dataset, "description", "dataset")
     n = len(dataset)
     if n == 0:
-        raise DatasetError(f"{what}: dataset is empty")
+        raise DatasetError(f"{what}: dataset is empty; check data.root")
     if n < batch_size:
         raise DatasetError(
             f"{what}: {n} images is fewer than one batch of {batch_size}; lower optim.batch_size "
