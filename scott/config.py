@@ -188,7 +188,15 @@ SIZE_PRESETS: Mapping[str, tuple[int, int, int]] = {
 _PRESET_KEYS = ("embed_dim", "depth", "num_heads")
 
 #: Patch sizes each named tokenizer stack can produce (docs/architecture.md, "Stacks").
-_STACK_PATCH_SIZES: Mapping[str, tuple[int, ...]] = {"scott": (16,), "small": (4, 8)}
+_STACK_PATCH_SIZES: Mapping[str, tuple[int, ...]] = {"scott": (16,), "small": (4, 8, 16)}
+
+#: Custom stacks (docs/tokenizer.md): string layers and their stride; one-key dict layers and
+#: their arguments. Mirrors ``scott.tokenizer.layers.stack_from_description`` (a test keeps the
+#: two in agreement) so a recipe is checked without importing torch.
+_STRING_LAYER_STRIDES: Mapping[str, int] = {"relu": 1, "gelu": 1, "maxpool": 1, "blur": 2, "maxblurpool": 2}
+_DICT_LAYER_ARGS: Mapping[str, tuple[str, ...]] = {
+    "conv": ("out", "kernel", "stride", "bias"), "blur": ("stride",), "relu": (), "gelu": (),
+}
 
 #: Datasets read from a local folder that must exist (no download path).
 _LOCAL_ONLY = ("imagefolder", "imagenet100")
@@ -290,6 +298,7 @@ def resolve_recipe(
     if recipe["model"]["predictor_dim"] is None:
         recipe["model"]["predictor_dim"] = recipe["model"]["embed_dim"]
     _check_cross_fields(recipe, source)
+    _check_eval_split(recipe["data"], source)
     if check_data:
         _check_data_folder(recipe, source)
     return recipe
@@ -491,9 +500,72 @@ def _check_tokenizer(value: Any, spec: Field, label: str) -> Any:
                 f"{_suggest(value, spec.choices)}"
             )
         return value
-    if isinstance(value, list) and value and all(isinstance(layer, dict) for layer in value):
+    if isinstance(value, list) and value:
+        for index, layer in enumerate(value):
+            _check_layer(layer, index, label)
+        if not any(isinstance(layer, dict) and "conv" in layer for layer in value):
+            raise RecipeError(f"{label}: a custom stack needs at least one {{conv: {{...}}}} layer")
         return value
-    raise RecipeError(f"{label}: expected a stack name or a list of layer mappings, got {_describe(value)}")
+    raise RecipeError(f"{label}: expected a stack name or a list of layers, got {_describe(value)}")
+
+
+def _check_layer(layer: Any, index: int, label: str) -> None:
+    """One custom-stack layer: a name (``relu``, ``maxblurpool``, ...) or a one-key mapping."""
+    where = f"{label}[{index}]"
+    if isinstance(layer, str):
+        if layer.lower() not in _STRING_LAYER_STRIDES:
+            raise RecipeError(f"{where}: unknown layer {layer!r}{_suggest(layer.lower(), _STRING_LAYER_STRIDES)} "
+                              f"(layers: {', '.join(_STRING_LAYER_STRIDES)} or a {{conv: {{...}}}} mapping)")
+        return
+    if not isinstance(layer, dict) or len(layer) != 1:
+        raise RecipeError(f"{where}: expected a layer name or a one-key mapping such as {{conv: {{out: 64, "
+                          f"kernel: 7, stride: 2}}}}, got {_describe(layer)}")
+    (name, args), = layer.items()
+    if name not in _DICT_LAYER_ARGS:
+        raise RecipeError(f"{where}: unknown layer {name!r}{_suggest(name, _DICT_LAYER_ARGS)} "
+                          f"(mapping layers: {', '.join(_DICT_LAYER_ARGS)})")
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise RecipeError(f"{where}: {name}: expected a mapping of arguments, got {_describe(args)}")
+    for key, arg in args.items():
+        if key not in _DICT_LAYER_ARGS[name]:
+            allowed = ", ".join(_DICT_LAYER_ARGS[name]) or "none"
+            raise RecipeError(f"{where}: {name}: unknown argument {key!r} (arguments: {allowed})")
+        if key == "bias":
+            if not isinstance(arg, bool):
+                raise RecipeError(f"{where}: {name}.bias: expected bool, got {_describe(arg)}")
+        elif isinstance(arg, bool) or not isinstance(arg, int) or arg < 1:
+            raise RecipeError(f"{where}: {name}.{key}: expected an int >= 1, got {_describe(arg)}")
+    if name == "conv":
+        kernel, stride = args.get("kernel", 3), args.get("stride", 1)
+        if kernel % 2 == 0 and not (kernel == stride and kernel > 1):
+            raise RecipeError(f"{where}: conv.kernel: must be odd (same padding) or equal to the stride "
+                              f"(patchify), got kernel {kernel}, stride {stride}")
+
+
+def _layer_stride(layer: Any) -> int:
+    if isinstance(layer, str):
+        return _STRING_LAYER_STRIDES[layer.lower()]
+    (name, args), = layer.items()
+    return int((args or {}).get("stride", {"conv": 1, "blur": 2}.get(name, 1)))
+
+
+def _check_custom_stack(stack: list, model: Mapping, source: str) -> None:
+    """Total stride = patch size; every conv but the last names its ``out``; the last gives embed_dim."""
+    stride = math.prod(_layer_stride(layer) for layer in stack)
+    if stride != model["patch_size"]:
+        raise RecipeError(f"{source}: model.tokenizer: the custom stack's total stride is {stride} but "
+                          f"model.patch_size is {model['patch_size']}")
+    convs = [(i, (layer["conv"] or {})) for i, layer in enumerate(stack) if isinstance(layer, dict) and "conv" in layer]
+    for i, args in convs[:-1]:
+        if "out" not in args:
+            raise RecipeError(f"{source}: model.tokenizer[{i}]: conv needs 'out' channels (only the last conv "
+                              "may leave it out and output model.embed_dim)")
+    last, args = convs[-1]
+    if args.get("out", model["embed_dim"]) != model["embed_dim"]:
+        raise RecipeError(f"{source}: model.tokenizer[{last}]: the last conv outputs {args['out']} channels "
+                          f"but model.embed_dim is {model['embed_dim']}")
 
 
 def _apply_size_preset(recipe: dict, explicit: set[tuple[str, str]]) -> None:
@@ -522,7 +594,13 @@ def _check_cross_fields(recipe: dict, source: str) -> None:
             f"{source}: model.predictor_dim: {model['predictor_dim']} is not divisible by "
             f"model.num_heads {model['num_heads']}"
         )
+    for key in ("embed_dim", "predictor_dim"):
+        if model[key] % 4:
+            raise RecipeError(f"{source}: model.{key}: {model[key]} is not divisible by 4 (the 2-D sin-cos "
+                              "positional embedding needs it)")
     stack = model["tokenizer"]
+    if isinstance(stack, list):
+        _check_custom_stack(stack, model, source)
     if isinstance(stack, str) and stack in _STACK_PATCH_SIZES and model["patch_size"] not in _STACK_PATCH_SIZES[stack]:
         allowed = " or ".join(str(p) for p in _STACK_PATCH_SIZES[stack])
         raise RecipeError(
@@ -549,6 +627,19 @@ def _check_cross_fields(recipe: dict, source: str) -> None:
         raise RecipeError(
             f"{source}: optim.lr: peak lr {optim['lr']} is below optim.start_lr "
             f"{optim['start_lr']} or optim.min_lr {optim['min_lr']}"
+        )
+
+
+def _check_eval_split(data: Mapping, source: str) -> None:
+    """``data.eval_split`` must be a split the dataset has (``val`` only with an official one)."""
+    from scott.data.roots import SPLITS  # no torch
+
+    if data["eval_split"] not in SPLITS[data["name"]]:
+        with_val = ", ".join(name for name, splits in SPLITS.items() if "val" in splits)
+        raise RecipeError(
+            f"{source}: data.eval_split: '{data['name']}' has no '{data['eval_split']}' split (only {with_val} "
+            "have an official val split); use eval_split: test (probes carve their validation split from "
+            "train themselves)"
         )
 
 

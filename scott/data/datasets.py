@@ -44,7 +44,7 @@ from PIL import Image
 
 from scott.config import RecipeError
 from scott.data.idx import IdxError, read_idx
-from scott.data.roots import FASHION_MNIST_FILES, default_root, find_idx_file
+from scott.data.roots import FASHION_MNIST_FILES, SPLITS, default_root, find_idx_file
 
 __all__ = [
     "DatasetError",
@@ -75,14 +75,7 @@ FASHION_MNIST_CLASSES = (
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 #: split name -> stored splits it is made of, per dataset.
-_SPLITS = {
-    "demo": {"train": ("train",), "trainval": ("train",), "test": ("test",)},
-    "fashion_mnist": {"train": ("train",), "trainval": ("train",), "test": ("test",)},
-    "flowers": {"train": ("train",), "val": ("val",), "trainval": ("train", "val"), "test": ("test",)},
-    "pets": {"train": ("trainval",), "trainval": ("trainval",), "test": ("test",)},
-    "imagenet100": {"train": ("train",), "trainval": ("train",), "test": ("val",)},
-    "imagefolder": {"train": ("train",), "val": ("val",), "trainval": ("train",), "test": ("test",)},
-}
+_SPLITS = SPLITS
 
 #: Splits used for self-supervised pretraining (all labelled non-test images).
 _PRETRAIN_SPLITS = {

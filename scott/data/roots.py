@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import MappingProxyType
 
-__all__ = ["DEMO_DIR", "FASHION_MNIST_FILES", "default_root", "find_idx_file"]
+__all__ = ["DEMO_DIR", "FASHION_MNIST_FILES", "SPLITS", "default_root", "find_idx_file"]
 
 #: Embedded demo subset shipped inside the package (see tools/make_demo_data.py).
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
@@ -19,6 +19,19 @@ FASHION_MNIST_FILES = MappingProxyType(
     {
         "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
         "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+    }
+)
+
+#: split name -> stored splits it is made of, per dataset (see scott.data.datasets). "val" exists
+#: only where the dataset has an official validation split; elsewhere probes carve one from train.
+SPLITS = MappingProxyType(
+    {
+        "demo": {"train": ("train",), "trainval": ("train",), "test": ("test",)},
+        "fashion_mnist": {"train": ("train",), "trainval": ("train",), "test": ("test",)},
+        "flowers": {"train": ("train",), "val": ("val",), "trainval": ("train", "val"), "test": ("test",)},
+        "pets": {"train": ("trainval",), "trainval": ("trainval",), "test": ("test",)},
+        "imagenet100": {"train": ("train",), "trainval": ("train",), "test": ("val",)},
+        "imagefolder": {"train": ("train",), "val": ("val",), "trainval": ("train",), "test": ("test",)},
     }
 )
 
