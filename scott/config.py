@@ -60,8 +60,8 @@ class RecipeError(Exception):
 class Field:
     """One recipe key: its kind, default and constraints.
 
-    kind: "int", "float", "bool", "str", "choice", "pair" (two floats), "tokenizer"
-    (a stack name or a list of layer descriptions).
+    kind: "int", "float", "bool", "str", "choice", "pair" (two floats), "int_list" (a non-empty
+    list of distinct ints), "tokenizer" (a stack name or a list of layer descriptions).
     """
 
     kind: str
@@ -115,6 +115,9 @@ SCHEMA: Mapping[str, Mapping[str, Field]] = {
         "crop_scale": _unit_pair([0.2, 1.0]),
         "val_fraction": Field("float", 0.1, low=0.0, high=1.0, low_open=True, high_open=True),
         "eval_split": Field("choice", "test", choices=("test", "val")),
+        "classes": Field("int_list", None, nullable=True, low=0),
+        "train_subset": _pos_int(None, nullable=True),
+        "subset_seed": _nonneg_int(0),
     },
     "model": {
         "tokenizer": Field("tokenizer", "scott", choices=STACK_NAMES),
@@ -129,6 +132,7 @@ SCHEMA: Mapping[str, Mapping[str, Field]] = {
         "mlp_ratio": _pos_float(4.0),
         "hidden_dim": _pos_int(64),
         "token_norm": Field("bool", True),
+        "tokenizer_masking": Field("choice", "sparse", choices=("sparse", "leaky")),
         "context_tokens": Field("choice", "visible", choices=("visible", "all")),
         "predictor_depth": _pos_int(3),
         "predictor_dim": _pos_int(None, nullable=True),
@@ -150,6 +154,9 @@ SCHEMA: Mapping[str, Mapping[str, Field]] = {
         "ema_end": Field("float", 1.0, low=0.0, high=1.0),
         "target_view": Field("choice", "jitter", choices=("same", "jitter")),
         "norm_pix": Field("bool", True),
+        "num_masks": _pos_int(1),
+        "target_layers": _pos_int(1),
+        "global_weight": _nonneg_float(0.0),
     },
     "optim": {
         "lr": _pos_float(5e-4),
@@ -451,6 +458,15 @@ def _check_value(section: str, key: str, value: Any, where: str) -> Any:
             raise RecipeError(f"{label}: expected a finite float, got {value!r}")
         _check_range(number, spec, label)
         return number
+    if spec.kind == "int_list":
+        if (not isinstance(value, (list, tuple)) or not value
+                or any(isinstance(v, bool) or not isinstance(v, int) for v in value)):
+            raise RecipeError(f"{label}: expected a non-empty list of ints, got {_describe(value)}")
+        for v in value:
+            _check_range(float(v), spec, label)
+        if len(set(value)) != len(value):
+            raise RecipeError(f"{label}: repeated values in {list(value)}")
+        return [int(v) for v in value]
     if spec.kind == "pair":
         if not isinstance(value, (list, tuple)) or len(value) != 2:
             raise RecipeError(f"{label}: expected a list of two floats [a, b], got {_describe(value)}")
@@ -612,6 +628,11 @@ def _check_cross_fields(recipe: dict, source: str) -> None:
         raise RecipeError(
             f"{source}: mask.min_block: {mask['min_block']} patches is more than the "
             f"{num_patches} patches of a {model['img_size']} px image"
+        )
+    if objective["target_layers"] > model["depth"]:
+        raise RecipeError(
+            f"{source}: objective.target_layers: {objective['target_layers']} is more than the "
+            f"model.depth of {model['depth']} blocks"
         )
     if objective["ema_start"] > objective["ema_end"]:
         raise RecipeError(

@@ -102,12 +102,27 @@ class _MaskedPrediction(nn.Module):
         self.loss_kind = objective_cfg.get("loss", "smooth_l1")
         if self.loss_kind not in LOSSES:
             raise ValueError(f"objective.loss must be one of {LOSSES}, got {self.loss_kind!r}")
+        self.num_masks = int(objective_cfg.get("num_masks", 1))
+        if self.num_masks < 1:
+            raise ValueError(f"objective.num_masks must be >= 1, got {self.num_masks}")
+        self.global_weight = float(objective_cfg.get("global_weight", 0.0))
         self.model_cfg = dict(model_cfg)
         self.context_encoder = build_encoder(model_cfg)
         self.predictor = build_predictor(model_cfg, self.context_encoder.grid_size, out_dim=predictor_out)
+        # data2vec 2.0's global term: the mean of the context encoder's visible tokens, through
+        # a linear head, regresses the mean of the image's target tokens. Built only when used,
+        # so recipes without it keep their exact state dict.
+        self.global_head = (nn.Linear(self.context_encoder.embed_dim, self.predictor.out_dim)
+                            if self.global_weight > 0 else None)
+        if self.global_head is not None:
+            nn.init.trunc_normal_(self.global_head.weight, std=0.02)
+            nn.init.zeros_(self.global_head.bias)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
-        return {"context_encoder": self.context_encoder, "predictor": self.predictor}
+        modules = {"context_encoder": self.context_encoder, "predictor": self.predictor}
+        if self.global_head is not None:
+            modules["global_head"] = self.global_head
+        return modules
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for m in self.trainable_modules().values() for p in m.parameters() if p.requires_grad]
@@ -124,21 +139,29 @@ class _MaskedPrediction(nn.Module):
         return self.context_encoder
 
     def predict(self, images_ctx: torch.Tensor, masks: MaskBatch):
-        """``(predictions [B, Q, out], query_positions [B, Q] | None, weight [B, Q] bool)``.
+        """``(predictions [B, Q, out], query_positions [B, Q] | None, weight [B, Q] bool,
+        pooled [B, out] | None)``.
 
         ``all`` mode predicts every position (``query_positions=None``, Q = N); ``visible`` mode
         predicts every non-visible position. ``weight`` marks the target patches among the queries.
+        ``pooled`` is the global head's prediction from the mean of the visible context tokens
+        (``None`` without ``objective.global_weight``).
         """
         visible = masks.visible
         b = visible.shape[0]
         target_flat = masks.target.reshape(b, -1)
         if self.context_tokens == "all":
             ctx = self.context_encoder(images_ctx, visible, context_tokens="all")
-            return self.predictor(ctx), None, target_flat
+            keep = visible.reshape(b, -1, 1).to(ctx.dtype)
+            mean = (ctx * keep).sum(1) / keep.sum(1).clamp(min=1)
+            return self.predictor(ctx), None, target_flat, self._pooled(mean)
         ctx, ctx_pos = self.context_encoder(images_ctx, visible, context_tokens="visible", return_positions=True)
         query_pos = _indices(~visible.reshape(b, -1))
         pred = self.predictor(ctx, ctx_pos, query_pos)
-        return pred, query_pos, target_flat.gather(1, query_pos)
+        return pred, query_pos, target_flat.gather(1, query_pos), self._pooled(ctx.mean(1))
+
+    def _pooled(self, mean_tokens: torch.Tensor) -> torch.Tensor | None:
+        return None if self.global_head is None else self.global_head(mean_tokens)
 
     @staticmethod
     def _select(tokens: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
@@ -157,10 +180,24 @@ class _MaskedPrediction(nn.Module):
         tokens; a collapsing representation drives ``target_std`` to 0) and ``target_abs``.
         """
         masks = _as_masks(masks)
-        pred, query_pos, weight = self.predict(images_ctx, masks)
+        b, m = images_ctx.shape[0], self.num_masks
+        if masks.visible.shape[0] != b * m:
+            raise ValueError(f"{masks.visible.shape[0]} masks for {b} images; objective.num_masks={m} "
+                             f"needs {b * m} (masks of image i at rows i*{m} .. i*{m}+{m - 1})")
         with torch.no_grad():
-            target = self._select(self.targets(images_ctx, images_tgt), query_pos)
+            full_target = self.targets(images_ctx, images_tgt)      # one target pass per image
+        if m > 1:  # several context masks per image share that one target pass (data2vec 2.0)
+            images_ctx = images_ctx.repeat_interleave(m, dim=0)
+            full_target = full_target.repeat_interleave(m, dim=0)
+        pred, query_pos, weight, pooled = self.predict(images_ctx, masks)
+        target = self._select(full_target, query_pos)
         loss = masked_loss(pred, target, weight, self.loss_kind)
+        if pooled is not None:
+            global_target = full_target.float().mean(1)
+            global_target = F.layer_norm(global_target, global_target.shape[-1:])
+            ones = torch.ones(pooled.shape[0], 1, dtype=torch.bool, device=pooled.device)
+            global_loss = masked_loss(pooled.unsqueeze(1), global_target.unsqueeze(1), ones, self.loss_kind)
+            loss = loss + self.global_weight * global_loss
         with torch.no_grad():
             sel = weight.unsqueeze(-1)
             stats = {
@@ -183,6 +220,10 @@ class MIMJEPA(_MaskedPrediction):
 
     def __init__(self, model_cfg: dict, objective_cfg: dict):
         super().__init__(model_cfg, objective_cfg)
+        self.target_layers = int(objective_cfg.get("target_layers", 1))
+        depth = len(self.context_encoder.blocks)
+        if not 1 <= self.target_layers <= depth:
+            raise ValueError(f"objective.target_layers must be in [1, model.depth={depth}], got {self.target_layers}")
         self.target_encoder = build_encoder(model_cfg, backend="dense")
         self.target_encoder.load_state_dict(self.context_encoder.state_dict())
         self.target_encoder.requires_grad_(False)
@@ -195,8 +236,15 @@ class MIMJEPA(_MaskedPrediction):
 
     @torch.no_grad()
     def targets(self, images_ctx, images_tgt):
-        feats = self.target_encoder(images_tgt)
-        return F.layer_norm(feats.float(), (feats.shape[-1],))
+        """LayerNorm-ed target tokens ``[B, N, D]``: of the final output (``target_layers=1``), or
+        the average of the last ``target_layers`` blocks, each LayerNorm-ed (data2vec 2.0)."""
+        if self.target_layers == 1:
+            feats = self.target_encoder(images_tgt)
+            return F.layer_norm(feats.float(), (feats.shape[-1],))
+        _, blocks = self.target_encoder(images_tgt, return_blocks=True)
+        layers = [F.layer_norm(x.float(), x.shape[-1:]) for x in blocks[-self.target_layers:]]
+        mean = torch.stack(layers).mean(0)
+        return F.layer_norm(mean, mean.shape[-1:])
 
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:

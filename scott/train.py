@@ -226,8 +226,10 @@ def build_components(recipe: Mapping) -> Components:
     dataset = PretrainDataset(base, build_pretrain_transform(recipe), seed=int(recipe["train"]["seed"]))
     objective = build_objective(recipe)
 
+    num_masks = int(recipe["objective"]["num_masks"])  # context masks per image
+
     def mask_fn(batch, seed, step, shard):
-        return masks_for_step(gen, batch, seed, step, shard)
+        return masks_for_step(gen, batch * num_masks, seed, step, shard)
 
     return Components(objective=objective, dataset=dataset, num_samples=len(dataset), mask_fn=mask_fn,
                       eval_transform_spec=eval_transform_spec(model_cfg))

@@ -6,6 +6,7 @@ Public API:
     pca_rgb(tokens [B, N, D], grid)                     -> uint8 [B, gh, gw, 3] (3 top components)
     pca_figure(images, tokens, grid, ...)               -> PIL image: image | PCA of its patch features
     line_chart(series, title, xlabel, size)             -> PIL image (axes, ticks, legend)
+    bar_chart(groups, title, ylabel)                    -> PIL image (grouped bars, error bars)
     read_metrics(path)                                  -> list of records from metrics.jsonl
     curve_series(records, keys, x="step")               -> {key: (xs, ys)}
 """
@@ -29,12 +30,14 @@ __all__ = [
     "pca_rgb",
     "pca_figure",
     "line_chart",
+    "bar_chart",
     "read_metrics",
     "curve_series",
     "PALETTE",
 ]
 
-PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (23, 190, 207)]
+PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (23, 190, 207),
+           (140, 86, 75), (127, 127, 127)]
 _BG = (255, 255, 255)
 _INK = (30, 30, 30)
 _VISIBLE = (255, 255, 255)
@@ -274,6 +277,61 @@ def line_chart(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], ti
         ly = top + 8 + 14 * i
         draw.line([(w - right - 150, ly + 6), (w - right - 130, ly + 6)], fill=colour, width=3)
         draw.text((w - right - 125, ly), name, fill=_INK, font=font)
+    return img
+
+
+def bar_chart(groups: Mapping[str, Mapping[str, tuple[float, float]]], title: str = "", ylabel: str = "",
+              size: tuple[int, int] | None = None) -> Image.Image:
+    """Grouped bar chart: ``{group: {series: (value, spread)}}``; each series keeps one colour
+    across groups, the spread is drawn as a +-error bar, the value is written above the bar."""
+    if not groups or not any(groups.values()):
+        raise ValueError("no bars to plot")
+    names = list(dict.fromkeys(n for bars in groups.values() for n in bars))
+    per_group = len(names)
+    w = size[0] if size else max(480, 90 + len(groups) * (per_group * 22 + 30))
+    h = size[1] if size else 420
+    img = Image.new("RGB", (w, h), _BG)
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    left, right, top, bottom = 60, 140, 34, 40
+    values = [v for bars in groups.values() for v, e in bars.values()] + \
+             [v + e for bars in groups.values() for v, e in bars.values()]
+    lows = [v - e for bars in groups.values() for v, e in bars.values()]
+    y1 = max(values)
+    y0 = min(0.0, min(lows)) if min(lows) < 0 else max(0.0, min(lows) - 0.15 * (y1 - min(lows) + 1e-9))
+    y1 += 0.08 * (y1 - y0 + 1e-9)
+
+    def py(y: float) -> float:
+        return h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom)
+
+    draw.rectangle([left, top, w - right, h - bottom], outline=_INK)
+    for t in _nice_ticks(y0, y1):
+        draw.line([(left, py(t)), (w - right, py(t))], fill=(225, 225, 225))
+        draw.text((4, py(t) - 6), _fmt(t), fill=_INK, font=font)
+    slot = (w - left - right) / len(groups)
+    bar = min(22.0, 0.8 * slot / per_group)
+    for g, (group, bars) in enumerate(groups.items()):
+        x_start = left + g * slot + (slot - bar * per_group) / 2
+        for i, name in enumerate(names):
+            if name not in bars:
+                continue
+            v, e = bars[name]
+            x = x_start + i * bar
+            draw.rectangle([x + 1, py(v), x + bar - 1, py(y0)], fill=PALETTE[i % len(PALETTE)])
+            if e > 0:
+                cx = x + bar / 2
+                draw.line([(cx, py(v - e)), (cx, py(v + e))], fill=_INK, width=1)
+                draw.line([(cx - 3, py(v + e)), (cx + 3, py(v + e))], fill=_INK)
+                draw.line([(cx - 3, py(v - e)), (cx + 3, py(v - e))], fill=_INK)
+            draw.text((x, py(v + e) - 12), f"{v:.0f}", fill=_INK, font=font)
+        draw.text((left + g * slot + slot / 2 - 3 * len(group), h - bottom + 8), group, fill=_INK, font=font)
+    for i, name in enumerate(names):
+        ly = top + 8 + 14 * i
+        draw.rectangle([w - right + 8, ly + 1, w - right + 20, ly + 11], fill=PALETTE[i % len(PALETTE)])
+        draw.text((w - right + 26, ly), name, fill=_INK, font=font)
+    draw.text((left, 10), title, fill=_INK, font=font)
+    if ylabel:
+        draw.text((4, top - 16), ylabel, fill=_INK, font=font)
     return img
 
 

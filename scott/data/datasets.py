@@ -362,8 +362,30 @@ def build_dataset(data_cfg: dict, split: str, transform: Callable | None = None,
     root = Path(data_cfg["root"]).expanduser() if data_cfg.get("root") else None
     parts = [_load_stored(name, root, stored, data_cfg, in_chans) for stored in _SPLITS[name][split]]
     dataset = parts[0] if len(parts) == 1 else LabeledConcat(parts, description=f"{name} {split}")
+    dataset = _restrict(dataset, data_cfg, split)
     dataset.transform = transform
     return dataset
+
+
+def _restrict(dataset: LabeledDataset, data_cfg: dict, split: str) -> LabeledDataset:
+    """Apply ``data.classes`` (every split) and ``data.train_subset`` (every split but test)."""
+    from .subsets import class_indices, stratified_subset
+
+    classes, subset = data_cfg.get("classes"), data_cfg.get("train_subset")
+    index = np.arange(len(dataset))
+    try:
+        if classes:
+            index = class_indices(dataset.labels, classes)
+        if subset and split != "test":
+            index = index[stratified_subset(dataset.labels[index], min(int(subset), len(index)),
+                                            int(data_cfg.get("subset_seed", 0)))]
+    except ValueError as exc:
+        raise DatasetError(f"data.classes / data.train_subset on {dataset.description}: {exc}") from None
+    if len(index) == len(dataset):
+        return dataset
+    what = [f"classes {sorted(classes)}"] if classes else []
+    what += [f"{len(index)} images (data.train_subset, seed {data_cfg.get('subset_seed', 0)})"] if subset and split != "test" else []
+    return LabeledSubset(dataset, index, description=f"{dataset.description}, {', '.join(what)}")
 
 
 def build_pretrain_dataset(data_cfg: dict, transform: Callable | None = None,

@@ -67,6 +67,8 @@ class Encoder(nn.Module):
     * ``context_tokens="visible"``: only the visible tokens in row-major order, ``[B, Nv, D]``
       (every image must have the same visible count). ``return_positions=True`` also returns
       their patch indices ``[B, Nv]``.
+    * ``return_blocks=True`` also returns the list of every block's output ``[B, N*, D]``
+      (residual stream before the final norm), last element last.
 
     The tokenizer backend can be switched at any time through :attr:`backend` (parameters do
     not depend on it); the target encoder of MIM-JEPA uses ``"dense"`` for full images.
@@ -74,14 +76,15 @@ class Encoder(nn.Module):
 
     def __init__(self, img_size=224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 384,
                  depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0, tokenizer: str = "scott",
-                 backend: str = "auto", hidden_dim: int = 64, token_norm: bool = True):
+                 backend: str = "auto", hidden_dim: int = 64, token_norm: bool = True,
+                 tokenizer_masking: str = "sparse"):
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         self.embed_dim = int(embed_dim)
         self.tokenizer = Tokenizer(embed_dim=embed_dim, patch_size=patch_size, in_chans=in_chans,
                                    stack=tokenizer, backend=backend, img_size=img_size,
-                                   hidden_dim=hidden_dim)
+                                   hidden_dim=hidden_dim, masking=tokenizer_masking)
         # Parameter-free LayerNorm of every token before the positions are added. Without it the
         # conv tokens (norm ~1) are dwarfed by the sin-cos positions (norm sqrt(D/2)) and MIM-JEPA
         # targets become almost purely positional (measured on the demo: 98 % of the target
@@ -118,7 +121,7 @@ class Encoder(nn.Module):
         return sincos_2d(gh, gw, self.embed_dim)[None].to(self.pos_embed.device)
 
     def forward(self, images: torch.Tensor, visible: torch.Tensor | None = None,
-                context_tokens: str = "all", return_positions: bool = False):
+                context_tokens: str = "all", return_positions: bool = False, return_blocks: bool = False):
         if context_tokens not in CONTEXT_MODES:
             raise ValueError(f"context_tokens must be one of {CONTEXT_MODES}, got {context_tokens!r}")
         tokens = self.tokenizer(images, visible)                    # [B, N, D], masked = 0
@@ -138,10 +141,15 @@ class Encoder(nn.Module):
             x = x + pos[0][positions]
         if visible is None or context_tokens == "visible":
             x = touch(x, self.mask_token)
+        blocks = []
         for block in self.blocks:
             x = block(x)
+            blocks.append(x)
         x = self.norm(x)
-        return (x, positions) if return_positions else x
+        out = (x, positions) if return_positions else x
+        if return_blocks:  # the residual stream after every block, before the final norm
+            return (*out, blocks) if return_positions else (out, blocks)
+        return out
 
     @torch.no_grad()
     def forward_features_pooled(self, images: torch.Tensor) -> torch.Tensor:
@@ -157,4 +165,5 @@ def build_encoder(model_cfg: dict, backend: str | None = None) -> Encoder:
                    depth=cfg.get("depth", 12), num_heads=cfg.get("num_heads", 6),
                    mlp_ratio=cfg.get("mlp_ratio", 4.0), tokenizer=cfg.get("tokenizer", "scott"),
                    backend=backend or cfg.get("backend", "auto"), hidden_dim=cfg.get("hidden_dim", 64),
-                   token_norm=cfg.get("token_norm", True))
+                   token_norm=cfg.get("token_norm", True),
+                   tokenizer_masking=cfg.get("tokenizer_masking", "sparse"))

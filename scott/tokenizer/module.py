@@ -49,6 +49,9 @@ def _to_pair(v) -> tuple[int, int] | None:
     return v
 
 
+MASKING_MODES = ("sparse", "leaky")
+
+
 class Tokenizer(nn.Module):
     """Convolutional tokenizer that computes tokens of the VISIBLE patches only.
 
@@ -60,6 +63,10 @@ class Tokenizer(nn.Module):
             ``"patchify"`` (plain ViT linear patch embedding) or a list of layer descriptions
             (see :func:`scott.tokenizer.layers.stack_from_description`).
         backend: ``"auto"``, ``"dense"``, ``"tiles"`` or ``"spconv"``.
+        masking: ``"sparse"`` (default: the one masked meaning, computed by ``backend``) or
+            ``"leaky"``, the ablation the paper argues against: a plain dense conv of the
+            zero-masked image without re-masking between layers (``backend`` is then unused
+            for masked inputs).
         img_size: optional default image size (needed for ``num_patches`` / ``grid_size`` and by
             timm); forward accepts any size divisible by ``patch_size``.
         hidden_dim: width of the hidden conv of the named stacks.
@@ -73,7 +80,7 @@ class Tokenizer(nn.Module):
 
     def __init__(self, embed_dim: int = 384, patch_size: int = 16, in_chans: int = 3,
                  stack: str | Sequence = "scott", backend: str = "auto", img_size=None,
-                 hidden_dim: int = 64, output_fmt: str = "NLC", **kwargs):
+                 hidden_dim: int = 64, output_fmt: str = "NLC", masking: str = "sparse", **kwargs):
         super().__init__()
         device = kwargs.pop("device", None)
         dtype = kwargs.pop("dtype", None)
@@ -91,6 +98,9 @@ class Tokenizer(nn.Module):
             patch_size = patch_size[0]
         if output_fmt not in ("NLC", "NCHW"):
             raise ValueError(f"output_fmt must be 'NLC' or 'NCHW', got {output_fmt!r}")
+        if masking not in MASKING_MODES:
+            raise ValueError(f"masking must be one of {MASKING_MODES}, got {masking!r}")
+        self.masking = masking
         self.embed_dim = int(embed_dim)
         self.patch_size = int(patch_size)
         self.in_chans = int(in_chans)
@@ -181,9 +191,13 @@ class Tokenizer(nn.Module):
 
     def forward(self, images: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
         self.check_inputs(images, visible)
-        name = self.pick_backend(images, visible)
-        self.last_backend = name
-        out = _backend_module(name).run(self.layers, images, visible)  # [B, D, gh, gw]
+        if self.masking == "leaky" and visible is not None:
+            self.last_backend = "dense (leaky)"
+            out = _backend_module("dense").run_leaky(self.layers, images, visible)
+        else:
+            name = self.pick_backend(images, visible)
+            self.last_backend = name
+            out = _backend_module(name).run(self.layers, images, visible)  # [B, D, gh, gw]
         if self.output_fmt == "NCHW":
             return out.contiguous()
         return out.flatten(2).transpose(1, 2).contiguous()
@@ -192,5 +206,6 @@ class Tokenizer(nn.Module):
         backend = self._backend
         if backend == "auto":
             backend = f"auto (last picked: {self.last_backend or 'none yet'})"
+        leaky = ", masking=leaky" if self.masking == "leaky" else ""
         return (f"stack={self.stack_name}, embed_dim={self.embed_dim}, patch_size={self.patch_size}, "
-                f"in_chans={self.in_chans}, backend={backend}")
+                f"in_chans={self.in_chans}, backend={backend}{leaky}")

@@ -30,3 +30,24 @@ def run(layers, images: torch.Tensor, visible: torch.Tensor | None,
         if visible is not None and layer.kind != "act":
             x = x * mask_at(visible, x.shape[2], x.shape[3]).to(x.dtype)
     return x
+
+
+def run_leaky(layers, images: torch.Tensor, visible: torch.Tensor | None,
+              channels_last: bool | None = None) -> torch.Tensor:
+    """The LEAKY variant the paper argues against (an ablation, not a backend of the one meaning):
+    masked pixels are zeroed once, the stack runs as a plain dense convolution without re-masking
+    after each layer, and only the output tokens of masked patches are zeroed. A visible token
+    near a masked region then depends on the zero-filled pixels and on activations that grew
+    into the masked area, so it differs from :func:`run` there."""
+    if channels_last is None:
+        channels_last = images.device.type == "cpu"
+    x = images
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if visible is not None:
+        x = x * mask_at(visible, x.shape[2], x.shape[3]).to(x.dtype)
+    for layer in layers:
+        x = layer.dense(x)
+    if visible is not None:
+        x = x * mask_at(visible, x.shape[2], x.shape[3]).to(x.dtype)
+    return x

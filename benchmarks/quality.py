@@ -1,0 +1,442 @@
+"""The fair benchmark: every row trained on the SAME images with the SAME budget, one protocol.
+
+    python benchmarks/quality.py recipes/demo.yaml --budget-minutes 3 --seeds 3
+    python benchmarks/quality.py recipes/demo.yaml --subset 1000 --budget-minutes 1.5 --seeds 3
+    python benchmarks/quality.py recipes/fashion_mnist_cpu.yaml --budget-minutes 30 --rows ours random_init pixels
+    python benchmarks/quality.py recipes/demo.yaml --pretrain-classes 0 1 2 3 4 --eval-classes 5 6 7 8 9 \
+        --rows ours random_init pixels --budget-minutes 3          # transfer to unseen classes
+    python benchmarks/quality.py recipes/demo.yaml --steps 2 --rows ours pixels --draws 1   # smoke test
+
+Rows (``--rows``, default all):
+  ours         the recipe as given (SCOTT tokenizer, sparse masking, MIM-JEPA)
+  patchify     the same ViT with a linear patch embedding (does the tokenizer matter?)
+  leaky        the SCOTT stack as a dense conv of the masked image, no re-masking between layers
+  pixel        SCOTT + pixel-regression objective (does the latent target matter?)
+  supervised   the same ViT trained from scratch on the labels, with the recipe's augmentation,
+               given row ``ours``' whole budget (pretraining + probe wall time)
+  random_init  the same encoder untrained (floor)
+  pixels       raw pixels (floor)
+
+Budget: ``--budget-minutes M`` runs a short calibration of each pretraining row on this machine
+and gives it the number of steps that fits M minutes (its schedules are set for that many steps);
+``--steps N`` gives every row N steps instead. The steps reached and wall times are recorded.
+
+Evaluation (the same for every row, on the recipe's official test split, read once per number):
+weighted kNN top-1 (k=20, T=0.07), the linear probe of ``tools/eval_linear.py`` (grid chosen on the
+validation split carved from train), label efficiency (linear probe on 10 and 100 labels per
+class drawn from the fit part, 3 draws, chosen on the same validation split), and an optional
+short fine-tune (``--finetune-epochs``). Seeds change the pretraining seed (weights, data
+order, masks) of every trained row; floors use them too (random init draws new weights).
+
+Output: a rich table, ``OUT/quality.json`` (command, recipe, CPU, every number) and
+``OUT/quality.png`` (bars with seed spread). Finished rows are kept: rerunning the same command
+continues where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from scott.config import RecipeError, load_recipe, run_cli  # noqa: E402
+
+PRETRAIN_ROWS = {
+    "ours": [],
+    "patchify": ["model.tokenizer=patchify"],
+    "leaky": ["model.tokenizer_masking=leaky"],
+    "pixel": ["objective.name=pixel"],
+}
+ALL_ROWS = [*PRETRAIN_ROWS, "supervised", "random_init", "pixels"]
+CALIBRATION_STEPS = 12
+KNN_K = 20
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--budget-minutes", type=float, help="pretraining wall-clock budget of every row")
+    budget.add_argument("--steps", type=int, help="fixed pretraining steps of every row instead of a budget")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per row [1]")
+    p.add_argument("--rows", nargs="+", default=ALL_ROWS, choices=ALL_ROWS)
+    p.add_argument("--subset", type=int, default=None, metavar="N_IMAGES",
+                   help="use N images drawn from the train split (stratified, data.train_subset)")
+    p.add_argument("--pretrain-classes", type=int, nargs="+", default=None,
+                   help="pretrain on these classes only (transfer regime)")
+    p.add_argument("--eval-classes", type=int, nargs="+", default=None,
+                   help="evaluate on these classes only (with --pretrain-classes: unseen classes)")
+    p.add_argument("--label-counts", type=int, nargs="*", default=[10, 100], help="labels per class [10 100]")
+    p.add_argument("--draws", type=int, default=3, help="label draws per count [3]")
+    p.add_argument("--finetune-epochs", type=int, default=0, help="short fine-tune of each trained row [0 = off]")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="recipe override for every row")
+    p.add_argument("--row-set", action="append", default=[], metavar="ROW:SECTION.KEY=VALUE",
+                   help="override for one row (e.g. pixel:optim.lr=2e-4)")
+    p.add_argument("--out", default=None, help="output folder [runs/quality/<recipe>-<regime>]")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- recipes
+def regime_name(args) -> str:
+    parts = [f"subset{args.subset}" if args.subset else "full"]
+    if args.pretrain_classes:
+        parts.append("cls" + "".join(map(str, args.pretrain_classes)))
+    if args.eval_classes:
+        parts.append("eval" + "".join(map(str, args.eval_classes)))
+    return "-".join(parts)
+
+
+def row_overrides(args, row: str, seed: int) -> list[str]:
+    """Overrides of a row's PRETRAINING recipe."""
+    sets = list(args.overrides) + PRETRAIN_ROWS.get(row, []) + [f"train.seed={seed}", "train.monitor_every=0"]
+    if args.subset:
+        sets.append(f"data.train_subset={args.subset}")
+    if args.pretrain_classes:
+        sets.append(f"data.classes={list(args.pretrain_classes)}")
+    sets += [s.split(":", 1)[1] for s in args.row_set if s.split(":", 1)[0] == row]
+    return sets
+
+
+def eval_recipe(args, recipe: dict) -> dict:
+    """The recipe evaluation reads: the pretraining data, restricted to ``--eval-classes``."""
+    out = json.loads(json.dumps(recipe))
+    out["data"]["classes"] = list(args.eval_classes) if args.eval_classes else None
+    return out
+
+
+# ----------------------------------------------------------------------------- pretraining
+def _median_seconds_per_image(run_dir: Path) -> float:
+    """Median seconds per image of a run's steps, the first two (warm-up) left out."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    times = [1.0 / r["images_per_s"] for r in records[2:] if r.get("images_per_s")]
+    return float(np.median(times))
+
+
+def steps_for_budget(recipe: dict, budget_s: float, scratch: Path) -> tuple[int, float]:
+    """(steps that fit ``budget_s``, measured images/s) from a short calibration run."""
+    from scott.train import pretrain
+
+    cal = json.loads(json.dumps(recipe))
+    cal["train"]["max_steps"] = CALIBRATION_STEPS
+    cal["train"]["checkpoint_every"] = 10 ** 9
+    if scratch.exists():
+        import shutil
+
+        shutil.rmtree(scratch)
+    pretrain(cal, scratch)
+    sec_per_image = _median_seconds_per_image(scratch)
+    sec_per_step = sec_per_image * int(recipe["optim"]["batch_size"])
+    return max(1, int(budget_s / sec_per_step)), 1.0 / sec_per_image
+
+
+def pretrain_row(args, row: str, seed: int, out: Path, log) -> dict:
+    """Pretrain one row/seed (or reuse a finished one); returns its record."""
+    from scott.train import pretrain
+
+    run_dir = out / row / f"seed{seed}"
+    record_file = run_dir / "pretrain_record.json"
+    if record_file.is_file():
+        return json.loads(record_file.read_text())
+    recipe = load_recipe(args.recipe, row_overrides(args, row, seed))
+    info = {}
+    if args.steps:
+        steps = int(args.steps)
+    else:
+        steps, ips = steps_for_budget(recipe, 60.0 * args.budget_minutes, out / "_calibration")
+        info["calibration_images_per_s"] = ips
+    recipe["train"]["max_steps"] = steps
+    recipe["train"]["checkpoint_every"] = max(1, steps // 4)
+    log(f"[bold]{row}[/] seed {seed}: pretraining {steps} steps")
+    if run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    t0 = time.perf_counter()
+    summary = pretrain(recipe, run_dir)
+    record = {"row": row, "seed": seed, "steps": steps, "wall_s": time.perf_counter() - t0,
+              "train_wall_s": summary["wall_s"], "images_per_s": summary["images_per_s"],
+              "overrides": row_overrides(args, row, seed), **info}
+    record_file.write_text(json.dumps(record, indent=1))
+    return record
+
+
+# ----------------------------------------------------------------------------- evaluation
+def feature_sets(encoder, recipe: dict):
+    from scott.eval.features import extract_features
+    from scott.eval.protocol import FeatureSet
+    from scott.eval.runs import eval_datasets
+
+    train, test = eval_datasets(recipe)
+    xb, yb = extract_features(encoder, train, progress=False)
+    xq, yq = extract_features(encoder, test, progress=False)
+    return FeatureSet(xb, yb), FeatureSet(xq, yq)
+
+
+def evaluate_features(args, train, test, seed: int) -> dict:
+    """kNN, linear probe and label-efficiency numbers of frozen features (fractions)."""
+    from scott.eval.few_labels import few_label_probe
+    from scott.eval.knn import knn_classify
+    from scott.eval.linear import linear_probe
+
+    t0 = time.perf_counter()
+    knn = knn_classify(train.features, train.labels, test.features, test.labels, k=KNN_K)[0]
+    linear = linear_probe(train, test, seed=seed)
+    out = {"knn": knn, "linear": linear.test["top1"], "linear_best": linear.best,
+           "linear_val": linear.val["top1"], "n_train": len(train), "n_test": len(test)}
+    for count in args.label_counts:
+        few = few_label_probe(train, test, count, draws=args.draws, seed=seed)
+        out[f"labels{count}"] = few["test_top1_mean"]
+        out[f"labels{count}_std"] = few["test_top1_std"]
+        out[f"labels{count}_draws"] = [d["test_top1"] for d in few["draws"]]
+    out["probe_wall_s"] = time.perf_counter() - t0
+    return out
+
+
+def finetune_encoder(encoder, recipe: dict, epochs: int, seed: int) -> dict:
+    from scott.data.datasets import split_train_val
+    from scott.eval.features import EvalView, encoder_in_chans, resolve_transform
+    from scott.eval.finetune import FinetuneClassifier, FlipView, finetune
+    from scott.eval.runs import dataset_labels, eval_datasets
+
+    train, test = eval_datasets(recipe)
+    labels = dataset_labels(train)
+    fit_idx, val_idx = split_train_val(labels.numpy(), float(recipe["data"]["val_fraction"]), seed)
+    fn, convert = resolve_transform(encoder, None)
+    chans = encoder_in_chans(encoder)
+    view = lambda ds: EvalView(ds, fn, chans, convert)  # noqa: E731
+    fit = FlipView(view(torch.utils.data.Subset(train, fit_idx.tolist())))
+    val = view(torch.utils.data.Subset(train, val_idx.tolist()))
+    model = FinetuneClassifier(encoder.train(), int(labels.max()) + 1)
+    res = finetune(model, fit, val, view(test), epochs=epochs, seed=seed, log=lambda s: None)
+    return {"finetune": res["test"]["top1"], "finetune_val": res["val"]["top1"], "finetune_epochs": epochs}
+
+
+def evaluate_pretrained(args, row: str, seed: int, out: Path, log) -> dict:
+    from scott.eval.features import load_encoder
+
+    run_dir = out / row / f"seed{seed}"
+    result_file = run_dir / "eval_record.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    recipe = eval_recipe(args, load_recipe(run_dir / "recipe.yaml"))
+    encoder = load_encoder(run_dir, which="target")
+    train, test = feature_sets(encoder, recipe)
+    result = evaluate_features(args, train, test, seed)
+    if args.finetune_epochs:
+        result.update(finetune_encoder(encoder, recipe, args.finetune_epochs, seed))
+    result_file.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def evaluate_floor(args, row: str, seed: int, out: Path) -> dict:
+    from scott.eval.runs import pixel_source, random_init_source
+
+    result_file = out / row / f"seed{seed}" / "eval_record.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    sets = row_overrides(args, "ours", seed)
+    source = (random_init_source(args.recipe, sets, seed=seed) if row == "random_init"
+              else pixel_source(args.recipe, sets))
+    recipe = eval_recipe(args, source.recipe)
+    train, test = feature_sets(source.encoder, recipe)
+    result = {"row": row, "seed": seed, **evaluate_features(args, train, test, seed)}
+    result_file.parent.mkdir(parents=True, exist_ok=True)
+    result_file.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def evaluate_supervised(args, seed: int, budget_s: float, out: Path, log) -> dict:
+    """Row 5: from scratch on all labels (given ``budget_s``), and on each label count."""
+    from scott.data.datasets import LabeledSubset, split_train_val
+    from scott.data.subsets import labels_per_class
+    from scott.eval.features import EvalView, encoder_in_chans, resolve_transform
+    from scott.eval.runs import dataset_labels, eval_datasets
+    from scott.eval.supervised import build_classifier, seconds_per_step, supervised_from_scratch
+
+    result_file = out / "supervised" / f"seed{seed}" / "eval_record.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    recipe = eval_recipe(args, load_recipe(args.recipe, row_overrides(args, "ours", seed)))
+    train, test = eval_datasets(recipe)
+    labels = dataset_labels(train).numpy()
+    classes = int(labels.max()) + 1
+    fit_idx, val_idx = split_train_val(labels, float(recipe["data"]["val_fraction"]), seed)
+    probe = build_classifier(recipe, classes, seed)
+    fn, convert = resolve_transform(_with_spec(probe.encoder, recipe), None)
+    chans = encoder_in_chans(probe.encoder)
+    view = lambda ds: EvalView(ds, fn, chans, convert)  # noqa: E731
+    val, test_view = view(LabeledSubset(train, val_idx)), view(test)
+    batch = int(recipe["optim"]["batch_size"])
+    size, c = recipe["model"]["img_size"], recipe["model"]["in_chans"]
+    sec = seconds_per_step(probe, torch.randn(batch, c, size, size), torch.randint(0, classes, (batch,)))
+    steps_per_epoch = max(1, len(fit_idx) // batch)
+    epochs = max(1, int(budget_s / (sec * steps_per_epoch)))
+    log(f"[bold]supervised[/] seed {seed}: {epochs} epochs from scratch ({budget_s:.0f} s budget)")
+    t0 = time.perf_counter()
+    full = supervised_from_scratch(recipe, LabeledSubset(train, fit_idx), val, test_view, epochs, classes,
+                                   seed=seed, log=lambda s: None)
+    result = {"row": "supervised", "seed": seed, "finetune": full["test"]["top1"], "finetune_val": full["val"]["top1"],
+              "finetune_epochs": epochs, "wall_s": time.perf_counter() - t0, "budget_s": budget_s,
+              "n_train": len(fit_idx), "n_test": len(test)}
+    for count in args.label_counts:
+        accs = []
+        for d in range(args.draws):
+            few = labels_per_class(labels, count, seed=d, pool=fit_idx)
+            # the same number of optimiser steps as the full-label run, at least 20 epochs
+            few_epochs = max(20, int(epochs * steps_per_epoch / max(1, len(few) // batch)))
+            res = supervised_from_scratch(recipe, LabeledSubset(train, few), val, test_view, few_epochs, classes,
+                                          seed=seed, batch_size=min(batch, len(few)), log=lambda s: None)
+            accs.append(res["test"]["top1"])
+        result[f"labels{count}"] = float(np.mean(accs))
+        result[f"labels{count}_std"] = float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0
+        result[f"labels{count}_draws"] = accs
+    result_file.parent.mkdir(parents=True, exist_ok=True)
+    result_file.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _with_spec(encoder, recipe):
+    from scott.data.transforms import eval_transform_spec
+
+    encoder.eval_transform_spec = eval_transform_spec(recipe["model"])
+    return encoder
+
+
+# ----------------------------------------------------------------------------- report
+def columns(label_counts) -> list[tuple[str, str]]:
+    """(record key, header) of the table's columns."""
+    return ([("knn", f"kNN@{KNN_K}"), ("linear", "linear")]
+            + [(f"labels{c}", f"{c} labels/cls") for c in label_counts]
+            + [("finetune", "fine-tune"), ("images_per_s", "img/s"), ("steps", "steps"), ("wall_s", "wall s")])
+
+
+def is_percent(key: str) -> bool:
+    return key in ("knn", "linear", "finetune") or (key.startswith("labels") and key[6:].isdigit())
+
+
+def summarise(rows: dict[str, list[dict]], cols) -> dict[str, dict]:
+    """Per row: mean and sample std over seeds of every numeric column."""
+    table = {}
+    for row, records in rows.items():
+        stats = {"seeds": len(records)}
+        for key, _ in cols:
+            values = [r[key] for r in records if isinstance(r.get(key), (int, float))]
+            if values:
+                stats[key] = float(np.mean(values))
+                stats[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        table[row] = stats
+    return table
+
+
+def format_cell(stats: dict, key: str) -> str:
+    if key not in stats:
+        return "-"
+    scale = 100.0 if is_percent(key) else 1.0
+    mean, std = stats[key] * scale, stats.get(f"{key}_std", 0.0) * scale
+    digits = 1 if is_percent(key) or key == "wall_s" else 0
+    text = f"{mean:.{digits}f}"
+    if stats["seeds"] > 1 and is_percent(key):
+        text += f" ± {std:.{digits}f}"
+    return text
+
+
+def rich_table(summary: dict, title: str, cols):
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("row")
+    table.add_column("seeds", justify="right")
+    for _, name in cols:
+        table.add_column(name, justify="right")
+    for row, stats in summary.items():
+        table.add_row(row, str(stats["seeds"]), *[format_cell(stats, k) for k, _ in cols])
+    return table
+
+
+def bar_chart_png(summary: dict, path: Path, title: str, cols) -> Path:
+    from scott.viz import bar_chart
+
+    metrics = [(k, n) for k, n in cols if is_percent(k) and any(k in s for s in summary.values())]
+    groups = {name: {row: (100 * s[k], 100 * s.get(f"{k}_std", 0.0)) for row, s in summary.items() if k in s}
+              for k, name in metrics}
+    bar_chart(groups, title=title, ylabel="top-1 %").save(path)
+    return path
+
+
+def main(argv=None):
+    from rich.console import Console
+
+    args = parse_args(argv)
+    console = Console(width=max(150, Console().width))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.seeds < 1 or args.draws < 1 or (args.steps is not None and args.steps < 1) or \
+            (args.budget_minutes is not None and args.budget_minutes <= 0):
+        raise RecipeError("need --seeds >= 1, --draws >= 1 and a positive --steps or --budget-minutes")
+    base = load_recipe(args.recipe, row_overrides(args, "ours", 0))  # fails early, one line, exit 2
+    out = Path(args.out or Path("runs") / "quality" / f"{Path(args.recipe).stem}-{regime_name(args)}")
+    out.mkdir(parents=True, exist_ok=True)
+    log = console.log
+    t_start = time.perf_counter()
+    rows: dict[str, list[dict]] = {}
+    ours_budget = []
+    for row in [r for r in ALL_ROWS if r in args.rows]:
+        for seed in range(args.seeds):
+            if row in PRETRAIN_ROWS:
+                record = pretrain_row(args, row, seed, out, log)
+                record.update(evaluate_pretrained(args, row, seed, out, log))
+                if row == "ours":
+                    ours_budget.append(record["train_wall_s"] + record["probe_wall_s"])
+            elif row == "supervised":
+                budget = (float(np.mean(ours_budget)) if ours_budget
+                          else 60.0 * (args.budget_minutes or 1.0))
+                record = evaluate_supervised(args, seed, budget, out, log)
+            else:
+                record = evaluate_floor(args, row, seed, out)
+            rows.setdefault(row, []).append(record)
+            log(f"{row} seed {seed}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in record.items()
+                                                   if is_percent(k) and isinstance(v, float)))
+    cols = columns(args.label_counts)
+    summary = summarise(rows, cols)
+    title = (f"{Path(args.recipe).name} [{regime_name(args)}], "
+             + (f"{args.budget_minutes:g} min budget" if args.budget_minutes else f"{args.steps} steps"))
+    console.print(rich_table(summary, title, cols))
+    record = {
+        "command": "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "recipe": args.recipe, "regime": regime_name(args), "budget_minutes": args.budget_minutes,
+        "steps": args.steps, "seeds": args.seeds, "label_counts": args.label_counts, "draws": args.draws,
+        "cpu": cpu_model(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "n_pretrain_images": None, "knn_k": KNN_K, "base_recipe": base,
+        "summary": summary, "rows": rows, "total_wall_s": time.perf_counter() - t_start,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    first = next(iter(rows.values()))[0]
+    record["n_train"], record["n_test"] = first.get("n_train"), first.get("n_test")
+    (out / "quality.json").write_text(json.dumps(record, indent=1, default=str))
+    png = bar_chart_png(summary, out / "quality.png", title, cols)
+    console.print(f"record -> {out / 'quality.json'}\nchart  -> {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
