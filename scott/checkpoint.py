@@ -7,7 +7,7 @@ Layout of a run folder::
         model.safetensors    weights (never pickled)
         optimizer.pt         optimiser state: tensors / numbers only, loaded with weights_only=True
         rng_rank0.pt ...     RNG states per process (weights_only=True)
-        meta.json            written LAST; lists every file with its size = "complete" marker
+        meta.json            written LAST; lists every file with its size and sha256 = "complete" marker
       .tmp_step_00001000/    a checkpoint being written (ignored, removed by the next save)
 
 Atomicity: every file is written under a temporary name in its final folder, flushed, fsync'd
@@ -15,11 +15,24 @@ and renamed with ``os.replace``; a checkpoint is assembled in ``.tmp_step_XXXXXX
 folder is renamed to ``step_XXXXXXXX`` only after ``meta.json`` is in place. A crash at any
 moment leaves either the previous set of complete checkpoints or a temporary folder.
 
+Content hashes: every file's sha256 is computed from the bytes as they are written (the writer
+serialises to memory, hashes and writes; nothing is read back) and recorded in ``meta.json``.
+Files written by other processes leave a tiny ``<name>.sha256`` note that
+``finish_checkpoint`` folds into ``meta.json``.
+
 Resume policy (``find_last_complete``): checkpoints that lack ``meta.json``, whose meta.json is
-unreadable, or whose files are missing / of the wrong size are skipped with a printed message
-naming the folder and the reason. When no checkpoint folder exists at all the function returns
+unreadable, whose files are missing / of the wrong size, or (``verify=True``, the default) whose
+bytes no longer match their recorded sha256 (bit rot, a bad copy, a partial rsync) are skipped
+with a printed message naming the folder and the reason, and the newest intact one is used. When no checkpoint folder exists at all the function returns
 ``None`` (a fresh start: nothing would be lost). When checkpoint folders exist but none is
 complete it raises :class:`CheckpointError` instead of silently restarting from step 0.
+
+Exported encoders carry ``sha256`` in their safetensors metadata: a hash of the other metadata
+and every tensor's name, dtype, shape and bytes, computed when writing; ``load_encoder_file``
+recomputes it and refuses a damaged file with :class:`DamagedFileError`.
+
+A failed write (e.g. disk full) removes its temporary file and raises ``OSError``; the folder of
+the checkpoint being written stays temporary, so earlier complete checkpoints are untouched.
 
 Nothing here unpickles arbitrary objects: weights use safetensors, other state uses
 ``torch.load(weights_only=True)``.
@@ -27,6 +40,8 @@ Nothing here unpickles arbitrary objects: weights use safetensors, other state u
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import random
@@ -38,7 +53,7 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as save_bytes
 
 CHECKPOINTS = "checkpoints"
 META = "meta.json"
@@ -49,6 +64,14 @@ _TMP_PREFIX = ".tmp_"
 
 class CheckpointError(RuntimeError):
     """A checkpoint folder is unusable (e.g. checkpoints exist but none is complete)."""
+
+
+class DamagedFileError(CheckpointError, ValueError):
+    """A file's bytes no longer match the sha256 recorded when it was written."""
+
+
+DIGEST_SUFFIX = ".sha256"
+_CHUNK = 1 << 20
 
 
 # ----------------------------------------------------------------------------- atomic files
@@ -66,32 +89,65 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write ``path`` via ``write(tmp_path)`` then fsync + os.replace (same folder)."""
+def _atomic_write(path: Path, data: bytes | memoryview) -> str:
+    """Write ``data`` to ``path`` via a temporary file, fsync and os.replace (same folder).
+
+    Returns the sha256 (hex) of the bytes, hashed chunk by chunk as they are written. On any
+    error (disk full, ...) the temporary file is removed and ``path`` is left as it was.
+    """
     path = Path(path)
     tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}")
+    digest = hashlib.sha256()
+    view = memoryview(data)
     try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
+        with open(tmp, "wb") as fh:
+            for start in range(0, len(view), _CHUNK):
+                chunk = view[start:start + _CHUNK]
+                digest.update(chunk)
+                fh.write(chunk)
+            fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     _fsync_dir(path.parent)
+    return digest.hexdigest()
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Atomically replace ``path`` with ``text`` (UTF-8)."""
-    _atomic_write(Path(path), lambda p: p.write_text(text, encoding="utf-8"))
+def file_sha256(path: str | Path) -> str:
+    """sha256 (hex) of a file's content, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_digest_note(path: str | Path, digest: str) -> None:
+    """Leave ``<path>.sha256`` next to a file written into a pending checkpoint folder."""
+    path = Path(path)
+    _atomic_write(path.with_name(path.name + DIGEST_SUFFIX), digest.encode("ascii"))
+
+
+def atomic_write_text(path: str | Path, text: str) -> str:
+    """Atomically replace ``path`` with ``text`` (UTF-8); returns its sha256."""
+    return _atomic_write(Path(path), text.encode("utf-8"))
 
 
 def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor],
-                 metadata: Mapping[str, str] | None = None) -> None:
-    """Atomically save a flat name->tensor mapping as safetensors (tensors copied to CPU)."""
+                 metadata: Mapping[str, str] | None = None, note_digest: bool = False) -> str:
+    """Atomically save a flat name->tensor mapping as safetensors (tensors copied to CPU).
+
+    Returns the file's sha256; ``note_digest`` also leaves it in ``<path>.sha256`` (files of a
+    pending checkpoint).
+    """
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    _atomic_write(Path(path), lambda p: save_file(flat, str(p), metadata=meta))
+    digest = _atomic_write(Path(path), save_bytes(flat, metadata=meta))
+    if note_digest:
+        write_digest_note(path, digest)
+    return digest
 
 
 def load_tensors(path: str | Path, device: str | torch.device = "cpu"
@@ -105,9 +161,17 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu"
     return tensors, metadata
 
 
-def save_torch_state(path: str | Path, obj) -> None:
-    """Atomically ``torch.save`` an object made of tensors, numbers, strings, lists, dicts."""
-    _atomic_write(Path(path), lambda p: torch.save(obj, p))
+def save_torch_state(path: str | Path, obj, note_digest: bool = False) -> str:
+    """Atomically ``torch.save`` an object made of tensors, numbers, strings, lists, dicts.
+
+    Returns the file's sha256 (``note_digest``: also in ``<path>.sha256``).
+    """
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    digest = _atomic_write(Path(path), buf.getbuffer())
+    if note_digest:
+        write_digest_note(path, digest)
+    return digest
 
 
 def load_torch_state(path: str | Path, map_location="cpu"):
@@ -196,17 +260,25 @@ def finish_checkpoint(run_dir: str | Path, step: int, meta: Mapping, keep: int |
                       log: Callable[[str], None] = print) -> Path:
     """Mark the pending checkpoint complete and publish it as ``checkpoints/step_XXXXXXXX``.
 
-    Writes ``meta.json`` (the given ``meta`` plus ``step`` and the name and size of every file)
-    last, renames the folder into place, then keeps only the newest ``keep`` complete
-    checkpoints (``None`` or ``<= 0`` keeps all).
+    Writes ``meta.json`` (the given ``meta`` plus ``step`` and the name, size and sha256 of every
+    file) last, renames the folder into place, then keeps only the newest ``keep`` complete
+    checkpoints (``None`` or ``<= 0`` keeps all). The sha256 comes from the ``<name>.sha256``
+    note its writer left (see :func:`save_tensors`), else it is computed from the file.
     """
     tmp = pending_checkpoint_dir(run_dir, step)
     if not tmp.is_dir():
         raise CheckpointError(f"no pending checkpoint folder {tmp}; call begin_checkpoint first")
-    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())
-             if p.is_file() and p.name != META and not p.name.startswith(_TMP_PREFIX)}
+    items = [p for p in sorted(tmp.iterdir())
+             if p.is_file() and p.name != META and not p.name.startswith(_TMP_PREFIX)]
+    notes = {p.name[:-len(DIGEST_SUFFIX)]: p for p in items if p.name.endswith(DIGEST_SUFFIX)}
+    items = [p for p in items if not p.name.endswith(DIGEST_SUFFIX)]
+    files = {p.name: p.stat().st_size for p in items}
+    digests = {p.name: (notes[p.name].read_text(encoding="ascii").strip() if p.name in notes else file_sha256(p))
+               for p in items}
+    for note in notes.values():
+        note.unlink()
     full_meta = dict(meta)
-    full_meta.update(step=int(step), files=files)
+    full_meta.update(step=int(step), files=files, sha256=digests)
     atomic_write_text(tmp / META, json.dumps(full_meta, indent=2, sort_keys=True))
     final = checkpoints_root(run_dir) / checkpoint_name(step)
     if final.exists():  # re-saving the same step (e.g. after a resume): replace the old copy
@@ -218,8 +290,13 @@ def finish_checkpoint(run_dir: str | Path, step: int, meta: Mapping, keep: int |
     return final
 
 
-def check_complete(path: str | Path) -> str | None:
-    """``None`` when the checkpoint folder is complete, otherwise the reason it is not."""
+def check_complete(path: str | Path, verify: bool = False) -> str | None:
+    """``None`` when the checkpoint folder is complete, otherwise the reason it is not.
+
+    Sizes are always checked; ``verify`` also re-hashes every file against the sha256 recorded
+    in ``meta.json`` (reads the whole checkpoint once). Checkpoints written before hashes were
+    recorded pass on their sizes.
+    """
     path = Path(path)
     meta_path = path / META
     if not meta_path.is_file():
@@ -228,7 +305,7 @@ def check_complete(path: str | Path) -> str | None:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         return f"unreadable meta.json ({err})"
-    files = meta.get("files")
+    files = meta.get("files") if isinstance(meta, dict) else None
     if not isinstance(files, dict):
         return "meta.json lists no files"
     for name, size in files.items():
@@ -237,27 +314,37 @@ def check_complete(path: str | Path) -> str | None:
             return f"missing file {name}"
         if item.stat().st_size != size:
             return f"file {name} has {item.stat().st_size} bytes, meta.json says {size}"
+    digests = meta.get("sha256")
+    if verify and isinstance(digests, dict):
+        for name, expected in digests.items():
+            try:
+                actual = file_sha256(path / name)
+            except OSError as err:
+                return f"cannot read {name} ({err})"
+            if actual != expected:
+                return (f"file {name} is damaged: its sha256 {actual[:12]}... differs from the "
+                        f"{str(expected)[:12]}... recorded when it was written")
     return None
 
 
-def find_last_complete(run_dir: str | Path, log: Callable[[str], None] = print) -> Path | None:
-    """The newest complete checkpoint of a run.
+def find_last_complete(run_dir: str | Path, log: Callable[[str], None] = print, verify: bool = True) -> Path | None:
+    """The newest complete (and, with ``verify``, intact: sha256 of every file) checkpoint of a run.
 
-    Incomplete ones are skipped with a message ``log``-ged for each (folder and reason).
+    Incomplete or damaged ones are skipped with a message ``log``-ged for each (folder and reason).
     Returns ``None`` when the run has no checkpoint folder at all; raises
-    :class:`CheckpointError` when checkpoint folders exist but none is complete.
+    :class:`CheckpointError` when checkpoint folders exist but none is usable.
     """
     candidates = list_checkpoints(run_dir)
     skipped = []
     for path in reversed(candidates):
-        reason = check_complete(path)
+        reason = check_complete(path, verify=verify)
         if reason is None:
             return path
         log(f"skipping checkpoint {path}: {reason}")
         skipped.append(f"{path.name} ({reason})")
     if skipped:
         raise CheckpointError(
-            f"{checkpoints_root(run_dir)} holds checkpoints but none is complete: "
+            f"{checkpoints_root(run_dir)} holds checkpoints but none is complete and intact: "
             + "; ".join(skipped)
             + ". Refusing to restart from step 0 silently: remove the folder or use a new output.")
     return None
@@ -299,7 +386,8 @@ def export_encoder(path: str | Path, encoder_state_dict: Mapping[str, torch.Tens
 
     Metadata keys (all JSON strings): ``format`` = ``scott.encoder/1``, ``model`` (the recipe's
     model section, enough for ``build_encoder``), ``eval_transform`` (the evaluation transform
-    spec) and ``extra`` (free-form, e.g. step, which encoder, recipe name).
+    spec), ``extra`` (free-form, e.g. step, which encoder, recipe name) and ``sha256``
+    (:func:`encoder_digest` of the other metadata and the tensors, checked on load).
     """
     metadata = {
         "format": ENCODER_FORMAT,
@@ -308,21 +396,49 @@ def export_encoder(path: str | Path, encoder_state_dict: Mapping[str, torch.Tens
                                      sort_keys=True),
         "extra": json.dumps(dict(extra or {}), sort_keys=True, default=str),
     }
-    save_tensors(path, encoder_state_dict, metadata)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in encoder_state_dict.items()}
+    metadata["sha256"] = encoder_digest(tensors, metadata)
+    save_tensors(path, tensors, metadata)
     return Path(path)
+
+
+def encoder_digest(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+    """sha256 of the metadata (but ``sha256``) and every tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({k: v for k, v in metadata.items() if k != "sha256"}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        digest.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def load_encoder_file(path: str | Path, device: str | torch.device = "cpu"
                       ) -> tuple[dict[str, torch.Tensor], dict, dict | None, dict]:
-    """Read a file written by :func:`export_encoder`.
+    """Read a file written by :func:`export_encoder`, checking its ``sha256``.
 
-    Returns ``(state_dict, model_cfg, eval_transform_spec, extra)``; never unpickles.
+    Returns ``(state_dict, model_cfg, eval_transform_spec, extra)``; never unpickles. Raises
+    :class:`DamagedFileError` when the content no longer matches the recorded hash (files
+    exported before hashes were recorded load unchecked).
     """
-    tensors, metadata = load_tensors(path, device)
+    from safetensors import SafetensorError
+
+    try:
+        tensors, metadata = load_tensors(path, "cpu")
+    except SafetensorError as exc:
+        raise DamagedFileError(f"{path}: damaged or not a safetensors file ({exc}); export it again or copy "
+                               "it again from its source") from None
     if metadata.get("format") != ENCODER_FORMAT:
         raise CheckpointError(f"{path} is not a scott encoder file "
                               f"(format {metadata.get('format')!r}, expected {ENCODER_FORMAT!r})")
+    expected = metadata.get("sha256")
+    if expected is not None and encoder_digest(tensors, metadata) != expected:
+        raise DamagedFileError(f"{path}: damaged file: its content no longer matches the sha256 recorded when "
+                               "it was exported; copy it again from its source or re-export it from the run's "
+                               "last checkpoint")
     model_cfg = json.loads(metadata["model"])
     spec = json.loads(metadata.get("eval_transform", "null"))
     extra = json.loads(metadata.get("extra", "{}"))
+    if str(device) != "cpu":
+        tensors = {k: v.to(device) for k, v in tensors.items()}
     return tensors, model_cfg, spec, extra

@@ -39,6 +39,7 @@ __all__ = [
     "StepSampler",
     "ProcessBatches",
     "NonFiniteLossError",
+    "CheckpointWriteError",
     "RunDirError",
     "PretrainRun",
     "pretrain",
@@ -69,6 +70,19 @@ class NonFiniteLossError(RuntimeError):
         super().__init__(
             f"non-finite loss ({value}) at step {step} (epoch {epoch}); stopped before the optimiser "
             f"step and saved nothing of this state; {kept}. Lower optim.lr or set optim.grad_clip.")
+
+
+class CheckpointWriteError(ck.CheckpointError):
+    """A checkpoint could not be written (e.g. disk full); earlier complete ones are intact."""
+
+    def __init__(self, step: int, folder: Path, exc: OSError, last_checkpoint: Path | None):
+        self.step, self.last_checkpoint = step, last_checkpoint
+        reason = exc.strerror or str(exc)
+        kept = (f"the previous complete checkpoint {last_checkpoint} is intact; free space, then rerun with "
+                "--resume to continue from it" if last_checkpoint else
+                "no earlier checkpoint exists; free space and start again")
+        super().__init__(f"cannot write the checkpoint of step {step} into {folder.parent} ({reason}); "
+                         f"stopped, {kept}")
 
 
 class RunDirError(ValueError):
@@ -371,26 +385,36 @@ class PretrainRun:
 
     # -- checkpoints
     def save_checkpoint(self, step: int) -> Path:
-        """Write a complete checkpoint for ``step`` completed steps (collective call)."""
-        if self.is_main:
-            ck.begin_checkpoint(self.run_dir, step)
-        self.acc.wait_for_everyone()
+        """Write a complete checkpoint for ``step`` completed steps (collective call).
+
+        Every file's sha256 is recorded in meta.json as it is written. A write that fails (disk
+        full, ...) raises :class:`CheckpointWriteError`; the partial folder is removed and earlier
+        complete checkpoints stay intact.
+        """
         tmp = ck.pending_checkpoint_dir(self.run_dir, step)
-        ck.save_torch_state(tmp / f"rng_rank{self.acc.process_index}.pt", ck.capture_rng_state())
-        if self.is_main:
-            ck.save_tensors(tmp / MODEL_FILE, self.objective.state_dict())
-            ck.save_torch_state(tmp / OPTIMIZER_FILE, self.optimizer.state_dict())
-            if self.acc.scaler is not None:
-                ck.save_torch_state(tmp / SCALER_FILE, self.acc.scaler.state_dict())
-        self.acc.wait_for_everyone()
-        path = ck.checkpoints_root(self.run_dir) / ck.checkpoint_name(step)
-        if self.is_main:
-            meta = {"epoch": self.sampler.epoch_of(step), "total_steps": self.total_steps,
-                    "global_batch": self.global_batch, "num_processes": self.acc.num_processes,
-                    "accum_steps": self.accum, "seed": self.seed, "num_samples": self.sampler.num_samples,
-                    "recipe_name": self.recipe.get("name"), "time": time.time()}
-            path = ck.finish_checkpoint(self.run_dir, step, meta,
-                                        keep=int(self.recipe["train"]["keep_checkpoints"]), log=self.log)
+        try:
+            if self.is_main:
+                ck.begin_checkpoint(self.run_dir, step)
+            self.acc.wait_for_everyone()
+            ck.save_torch_state(tmp / f"rng_rank{self.acc.process_index}.pt", ck.capture_rng_state(),
+                                note_digest=True)
+            if self.is_main:
+                ck.save_tensors(tmp / MODEL_FILE, self.objective.state_dict(), note_digest=True)
+                ck.save_torch_state(tmp / OPTIMIZER_FILE, self.optimizer.state_dict(), note_digest=True)
+                if self.acc.scaler is not None:
+                    ck.save_torch_state(tmp / SCALER_FILE, self.acc.scaler.state_dict(), note_digest=True)
+            self.acc.wait_for_everyone()
+            path = ck.checkpoints_root(self.run_dir) / ck.checkpoint_name(step)
+            if self.is_main:
+                meta = {"epoch": self.sampler.epoch_of(step), "total_steps": self.total_steps,
+                        "global_batch": self.global_batch, "num_processes": self.acc.num_processes,
+                        "accum_steps": self.accum, "seed": self.seed, "num_samples": self.sampler.num_samples,
+                        "recipe_name": self.recipe.get("name"), "time": time.time()}
+                path = ck.finish_checkpoint(self.run_dir, step, meta,
+                                            keep=int(self.recipe["train"]["keep_checkpoints"]), log=self.log)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointWriteError(step, tmp, exc, self.last_checkpoint) from None
         self.acc.wait_for_everyone()
         self.last_checkpoint = path
         return path

@@ -8,8 +8,8 @@ context_encoder.safetensors). Afterwards the main process prints the kNN accurac
 evaluation split of the pretrained target and context encoders next to a random-init encoder of
 the same recipe (skip with --no-knn).
 
-Exit status: 0 done, 2 bad recipe / unusable output folder, 1 training stopped (non-finite loss,
-unusable checkpoints).
+Exit status: 0 done, 2 bad recipe or data / unusable output folder, 1 training stopped
+(non-finite loss, unusable checkpoints, a checkpoint that could not be written, e.g. disk full).
 """
 
 from __future__ import annotations
