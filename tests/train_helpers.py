@@ -59,5 +59,6 @@ def tiny_components(recipe: dict, n: int = 32, dtype=torch.float32):
     gen = build_mask_generator(recipe["mask"], grid)
     return Components(objective=build_objective(recipe).to(dtype),
                       dataset=TinyViews(n, model["img_size"], dtype=dtype),
-                      num_samples=n, mask_fn=lambda b, seed, step, shard: masks_for_step(gen, b, seed, step, shard),
+                      num_samples=n, mask_fn=lambda b, seed, step, shard: masks_for_step(
+                          gen, b * recipe["objective"]["num_masks"], seed, step, shard),
                       eval_transform_spec=eval_transform_spec(model))

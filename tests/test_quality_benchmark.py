@@ -1,0 +1,158 @@
+"""The fair benchmark's pieces: label subsets, class / size regimes, each row's configuration
+taking an optimisation step, and the table / JSON / PNG of a two-step run."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from scott.checkpoint import load_tensors
+from scott.config import load_recipe
+from scott.data.datasets import build_dataset, split_train_val
+from scott.data.subsets import class_indices, labels_per_class, stratified_subset
+from scott.eval.few_labels import few_label_probe
+from scott.eval.protocol import FeatureSet
+from scott.objectives import build_objective
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import quality  # noqa: E402
+
+TINY_SETS = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.hidden_dim=8",
+             "model.predictor_depth=1", "model.predictor_dim=32", "optim.batch_size=8", "data.num_workers=0"]
+
+
+def test_labels_per_class_exact_counts_seeded_and_inside_the_pool():
+    labels = np.repeat(np.arange(5), 40)
+    fit, val = split_train_val(labels, 0.25, seed=0)
+    a = labels_per_class(labels, 7, seed=0, pool=fit)
+    assert np.bincount(labels[a]).tolist() == [7] * 5
+    assert not set(a) & set(val)                       # disjoint from the validation split
+    assert np.array_equal(a, labels_per_class(labels, 7, seed=0, pool=fit))
+    assert not np.array_equal(a, labels_per_class(labels, 7, seed=1, pool=fit))
+    with pytest.raises(ValueError, match="fewer than 31"):
+        labels_per_class(labels, 31, seed=0, pool=fit)
+
+
+def test_stratified_subset_keeps_proportions_and_size():
+    labels = np.array([0] * 60 + [1] * 30 + [2] * 10)
+    idx = stratified_subset(labels, 10, seed=3)
+    assert len(idx) == 10 and np.bincount(labels[idx]).tolist() == [6, 3, 1]
+    assert len(set(idx)) == 10 and np.array_equal(idx, np.sort(idx))
+    assert np.array_equal(idx, stratified_subset(labels, 10, seed=3))
+    with pytest.raises(ValueError):
+        stratified_subset(labels, 101, seed=0)
+
+
+def test_class_indices_and_missing_classes():
+    labels = np.array([0, 1, 2, 1, 0, 3])
+    assert class_indices(labels, [1, 3]).tolist() == [1, 3, 5]
+    with pytest.raises(ValueError, match=r"\[7\]"):
+        class_indices(labels, [1, 7])
+
+
+def test_class_split_datasets_never_mix_pretraining_and_transfer_classes():
+    seen = load_recipe(ROOT / "recipes/demo.yaml", ["data.classes=[0,1,2,3,4]"], check_data=False)
+    unseen = load_recipe(ROOT / "recipes/demo.yaml", ["data.classes=[5,6,7,8,9]"], check_data=False)
+    a, b = build_dataset(seen["data"], "train"), build_dataset(unseen["data"], "train")
+    assert set(a.labels.tolist()) == {0, 1, 2, 3, 4} and set(b.labels.tolist()) == {5, 6, 7, 8, 9}
+    assert len(a) + len(b) == 5000
+    test = build_dataset(unseen["data"], "test")
+    assert set(test.labels.tolist()) == {5, 6, 7, 8, 9} and len(test) == 500
+
+
+def test_train_subset_touches_train_not_test():
+    recipe = load_recipe(ROOT / "recipes/demo.yaml", ["data.train_subset=1000"], check_data=False)
+    train, test = build_dataset(recipe["data"], "train"), build_dataset(recipe["data"], "test")
+    assert len(train) == 1000 and np.bincount(train.labels).tolist() == [100] * 10
+    assert len(test) == 1000
+
+
+@pytest.mark.parametrize("override, key", [
+    ("data.classes=[1,1]", "data.classes"), ("data.classes=[]", "data.classes"),
+    ("data.classes=[-1]", "data.classes"), ("data.train_subset=0", "data.train_subset"),
+    ("objective.num_masks=0", "objective.num_masks"), ("objective.target_layers=9", "objective.target_layers"),
+    ("objective.global_weight=-1", "objective.global_weight"),
+    ("model.tokenizer_masking=dense", "model.tokenizer_masking"),
+])
+def test_new_recipe_keys_are_validated_at_the_cli(override, key):
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/pretrain.py"), str(ROOT / "recipes/demo.yaml"),
+                           "--set", override, "--output", "/nonexistent/never"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert key in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_few_label_probe_uses_k_labels_and_beats_chance_on_separable_features():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(4).repeat_interleave(50)
+    feats = torch.nn.functional.one_hot(labels, 4).float() * 3 + 0.5 * torch.randn(200, 4, generator=g)
+    test_labels = torch.arange(4).repeat_interleave(20)
+    test = FeatureSet(torch.nn.functional.one_hot(test_labels, 4).float() * 3 + 0.5 * torch.randn(80, 4, generator=g),
+                      test_labels)
+    out = few_label_probe(FeatureSet(feats, labels), test, per_class=3, draws=2,
+                          grid=[{"lr": 0.1, "epochs": 30, "batch_size": 8, "weight_decay": 0.0, "optimizer": "sgd"}])
+    assert [d["n_train"] for d in out["draws"]] == [12, 12]
+    assert out["test_top1_mean"] > 0.9
+
+
+@pytest.mark.parametrize("row", list(quality.PRETRAIN_ROWS))
+def test_each_pretraining_row_builds_and_takes_a_step(row, tmp_path):
+    from scott.train import pretrain
+
+    args = quality.parse_args(["recipes/demo.yaml", "--steps", "1", "--subset", "40"] +
+                              sum((["--set", s] for s in TINY_SETS), []))
+    recipe = load_recipe(ROOT / "recipes/demo.yaml", quality.row_overrides(args, row, seed=0))
+    recipe["train"]["max_steps"] = 1
+    torch.manual_seed(recipe["train"]["seed"])  # the run's initial weights
+    before = build_objective(recipe).state_dict()
+    summary = pretrain(recipe, tmp_path / row)
+    assert summary["steps"] == 1 and np.isfinite(summary["final_loss"])
+    after, _ = load_tensors(Path(summary["last_checkpoint"]) / "model.safetensors")
+    assert after.keys() == before.keys()
+    moved = max(float((after[k] - before[k]).abs().max()) for k in after if k.startswith("context_encoder."))
+    # one AdamW step at the warm-up lr (1e-6) moves weights by about the lr, no more
+    assert 0 < moved < 1e-4
+
+
+def test_supervised_row_takes_steps_with_the_recipe_augmentation():
+    from scott.data.transforms import build_pretrain_transform
+    from scott.eval.supervised import AugmentedLabels
+
+    recipe = load_recipe(ROOT / "recipes/demo.yaml", [], check_data=False)
+    train = build_dataset(recipe["data"], "train")
+    view = AugmentedLabels(train, build_pretrain_transform(recipe), seed=0)
+    first, second = view[3][0], view[3][0]
+    assert first.shape == (1, 28, 28) and not torch.equal(first, second)  # a new draw per visit
+    again = AugmentedLabels(train, build_pretrain_transform(recipe), seed=0)
+    assert torch.equal(again[3][0], first)  # reproducible
+
+
+def test_two_step_benchmark_writes_table_json_and_png(tmp_path):
+    out = tmp_path / "q"
+    cmd = [sys.executable, str(ROOT / "benchmarks/quality.py"), str(ROOT / "recipes/demo.yaml"), "--steps", "2",
+           "--subset", "100", "--rows", "ours", "supervised", "pixels", "--label-counts", "2", "--draws", "2",
+           "--out", str(out)] + sum((["--set", s] for s in TINY_SETS), [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "kNN@20" in proc.stdout and "2 labels/cls" in proc.stdout
+    record = json.loads((out / "quality.json").read_text())
+    assert set(record["summary"]) == {"ours", "supervised", "pixels"}
+    assert record["rows"]["ours"][0]["steps"] == 2 and record["n_train"] == 100 and record["n_test"] == 1000
+    assert record["cpu"] and record["command"].startswith("python benchmarks/quality.py")
+    for row in ("ours", "pixels"):
+        stats = record["summary"][row]
+        assert 0.0 <= stats["knn"] <= 1.0 and 0.0 <= stats["linear"] <= 1.0 and "labels2" in stats
+        assert len(record["rows"][row][0]["labels2_draws"]) == 2
+    assert 0.0 <= record["summary"]["supervised"]["finetune"] <= 1.0
+    assert "knn" not in record["summary"]["supervised"]
+    with Image.open(out / "quality.png") as img:
+        assert img.size[0] >= 480 and img.size[1] == 420
+    # a rerun reuses the finished rows instead of training again
+    proc2 = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": ""})
+    assert proc2.returncode == 0 and "pretraining 2 steps" not in proc2.stdout
+    assert json.loads((out / "quality.json").read_text())["summary"] == record["summary"]
