@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from scott import checkpoint as ck
+from scott.interrupt import StopRequest, TrainingInterrupted, ignore_in_worker
 
 __all__ = [
     "StepSampler",
@@ -333,8 +334,17 @@ class PretrainRun:
             self.parts.dataset, batch_sampler=batches, num_workers=workers,
             collate_fn=self.parts.collate_fn, pin_memory=self.acc.device.type == "cuda",
             generator=torch.Generator().manual_seed(self.seed),  # keeps the global RNG untouched
+            worker_init_fn=ignore_in_worker if workers else None,  # the main process handles SIGTERM / Ctrl-C
             persistent_workers=False, prefetch_factor=4 if workers else None)
         return iter(loader)
+
+    def agree_on_stop(self, signum: int | None) -> int | None:
+        """The stop signal any process received (all processes stop at the same step)."""
+        if self.acc.num_processes == 1:
+            return signum
+        flag = torch.tensor([int(signum or 0)], device=self.acc.device)
+        agreed = int(self.acc.gather(flag).max())
+        return agreed or None
 
     def masks(self, step: int, shard: int):
         return self.parts.mask_fn(self.micro_batch, self.seed, step, shard)
@@ -679,7 +689,10 @@ def pretrain(recipe: Mapping, output_dir: str | Path, resume: bool = False, acce
 
     ``components`` replaces the library-built objective/data/masks (tests, experiments).
     Raises :class:`NonFiniteLossError` on NaN/inf loss, :class:`RunDirError` for an unusable
-    output folder, ``scott.checkpoint.CheckpointError`` when resuming finds only torn checkpoints.
+    output folder, ``scott.checkpoint.CheckpointError`` when resuming finds only torn checkpoints,
+    :class:`CheckpointWriteError` when a checkpoint cannot be written, and
+    :class:`scott.interrupt.TrainingInterrupted` after SIGTERM / Ctrl-C (the step in progress is
+    finished and checkpointed first; ``--resume`` continues bit-identically).
     """
     run = PretrainRun(recipe, output_dir, accelerator, components)
     train_cfg = recipe["train"]
@@ -690,6 +703,7 @@ def pretrain(recipe: Mapping, output_dir: str | Path, resume: bool = False, acce
     metrics = _MetricsLog(run.run_dir, run.is_main, start, train_cfg["log_every"])
     progress = _Progress(run.is_main, total, start)
     run.model.train()
+    stopper = StopRequest(log=run.log).install()  # SIGTERM / Ctrl-C: stop after the current step
     batches = run.make_loader(start)
     t_start = time.perf_counter()
     images = 0
@@ -722,7 +736,13 @@ def pretrain(recipe: Mapping, output_dir: str | Path, resume: bool = False, acce
             progress.update(done, loss_value, ips)
             if done % every == 0 or done == total:
                 run.save_checkpoint(done)
+            signum = run.agree_on_stop(stopper.signum)
+            if signum:
+                if run.last_checkpoint is None or ck.checkpoint_step(run.last_checkpoint) != done:
+                    run.save_checkpoint(done)
+                raise TrainingInterrupted(signum, done, total, run.last_checkpoint, run.is_main)
     finally:
+        stopper.restore()
         progress.close()
         metrics.close()
     if total <= start and run.last_checkpoint is None:

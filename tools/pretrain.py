@@ -9,7 +9,9 @@ evaluation split of the pretrained target and context encoders next to a random-
 the same recipe (skip with --no-knn).
 
 Exit status: 0 done, 2 bad recipe or data / unusable output folder, 1 training stopped
-(non-finite loss, unusable checkpoints, a checkpoint that could not be written, e.g. disk full).
+(non-finite loss, unusable checkpoints, a checkpoint that could not be written, e.g. disk full),
+143 / 130 stopped by SIGTERM / Ctrl-C after finishing and checkpointing the current step (the
+message says how to resume; a second Ctrl-C quits at once).
 """
 
 from __future__ import annotations
@@ -29,6 +31,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def resume_command(argv, output) -> str:
+    """This command with ``--resume`` (and the run folder made explicit)."""
+    import shlex
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--output" not in args and not any(a.startswith("--output=") for a in args):
+        args += ["--output", str(output)]
+    if "--resume" not in args:
+        args.append("--resume")
+    return shlex.join(["python", "tools/pretrain.py", *args])
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from scott.config import load_recipe
@@ -37,6 +51,8 @@ def main(argv=None) -> int:
     from scott.checkpoint import CheckpointError
     from scott.train import (NonFiniteLossError, RunDirError, compare_with_random_init, pretrain,
                              resolve_output_dir)
+
+    from scott.interrupt import TrainingInterrupted
 
     output = resolve_output_dir(recipe, args.output)
     try:
@@ -47,6 +63,14 @@ def main(argv=None) -> int:
     except (NonFiniteLossError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as exc:
+        if exc.is_main:
+            print(f"error: {exc}; continue with: {resume_command(argv, output)}", file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        print(f"error: interrupted again, quit at once; the last complete checkpoint in {output / 'checkpoints'} "
+              f"is kept; continue with: {resume_command(argv, output)}", file=sys.stderr)
+        return 130
     if args.no_knn or not summary.get("is_main_process", True):
         return 0
     report = compare_with_random_init(output, recipe, device=summary.get("device"))
