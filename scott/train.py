@@ -614,22 +614,16 @@ def _print_summary(summary: Mapping[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------- kNN monitor / payoff
 def knn_sets(recipe: Mapping, query_split: str = "val"):
-    """(memory bank, queries) labelled datasets for kNN.
-
-    ``"val"`` without an official validation split is carved from train with
-    ``data.val_fraction`` (seed ``train.seed``); the bank is then the rest of train. Other
-    splits are queried against the whole train split.
+    """(memory bank, queries) labelled datasets for kNN, by the one rule of
+    :func:`scott.data.eval_splits.bank_and_queries`: ``"val"`` is the official validation split
+    against ``train`` where there is one, else carved from ``trainval`` with
+    ``data.val_fraction`` (seed ``train.seed``) against the rest; ``"test"`` is queried against
+    ``trainval``. The bank never holds a query image.
     """
-    from scott.data import build_dataset, split_train_val
-    from scott.data.datasets import LabeledSubset, available_splits
+    from scott.data.eval_splits import bank_and_queries
 
-    data_cfg, in_chans = recipe["data"], recipe["model"]["in_chans"]
-    train = build_dataset(data_cfg, "train", in_chans=in_chans)
-    if query_split == "val" and "val" not in available_splits(data_cfg):
-        fit, val = split_train_val(train.labels, float(data_cfg["val_fraction"]), int(recipe["train"]["seed"]))
-        return (LabeledSubset(train, fit, description="train (fit part)"),
-                LabeledSubset(train, val, description="val (carved from train)"))
-    return train, build_dataset(data_cfg, query_split, in_chans=in_chans)
+    return bank_and_queries(recipe["data"], query_split, int(recipe["train"]["seed"]),
+                            in_chans=recipe["model"]["in_chans"])
 
 
 def knn_monitor(encoder: nn.Module, recipe: Mapping, eval_transform_spec: Mapping | None,
