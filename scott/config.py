@@ -133,6 +133,7 @@ SCHEMA: Mapping[str, Mapping[str, Field]] = {
         "hidden_dim": _pos_int(64),
         "token_norm": Field("bool", True),
         "tokenizer_masking": Field("choice", "sparse", choices=("sparse", "leaky")),
+        "global_pool": Field("choice", "avg", choices=("avg", "grid2", "grid3")),
         "context_tokens": Field("choice", "visible", choices=("visible", "all")),
         "predictor_depth": _pos_int(3),
         "predictor_dim": _pos_int(None, nullable=True),
@@ -157,6 +158,7 @@ SCHEMA: Mapping[str, Mapping[str, Field]] = {
         "num_masks": _pos_int(1),
         "target_layers": _pos_int(1),
         "global_weight": _nonneg_float(0.0),
+        "center_targets": Field("bool", False),
     },
     "optim": {
         "lr": _pos_float(5e-4),

@@ -220,6 +220,7 @@ class MIMJEPA(_MaskedPrediction):
 
     def __init__(self, model_cfg: dict, objective_cfg: dict):
         super().__init__(model_cfg, objective_cfg)
+        self.center_targets = bool(objective_cfg.get("center_targets", False))
         self.target_layers = int(objective_cfg.get("target_layers", 1))
         depth = len(self.context_encoder.blocks)
         if not 1 <= self.target_layers <= depth:
@@ -237,14 +238,22 @@ class MIMJEPA(_MaskedPrediction):
     @torch.no_grad()
     def targets(self, images_ctx, images_tgt):
         """LayerNorm-ed target tokens ``[B, N, D]``: of the final output (``target_layers=1``), or
-        the average of the last ``target_layers`` blocks, each LayerNorm-ed (data2vec 2.0)."""
+        the average of the last ``target_layers`` blocks, each LayerNorm-ed (data2vec 2.0);
+        with ``center_targets`` the batch mean of each position is removed first."""
         if self.target_layers == 1:
             feats = self.target_encoder(images_tgt)
-            return F.layer_norm(feats.float(), (feats.shape[-1],))
-        _, blocks = self.target_encoder(images_tgt, return_blocks=True)
-        layers = [F.layer_norm(x.float(), x.shape[-1:]) for x in blocks[-self.target_layers:]]
-        mean = torch.stack(layers).mean(0)
-        return F.layer_norm(mean, mean.shape[-1:])
+            targets = F.layer_norm(feats.float(), (feats.shape[-1],))
+        else:
+            _, blocks = self.target_encoder(images_tgt, return_blocks=True)
+            layers = [F.layer_norm(x.float(), x.shape[-1:]) for x in blocks[-self.target_layers:]]
+            mean = torch.stack(layers).mean(0)
+            targets = F.layer_norm(mean, mean.shape[-1:])
+        if self.center_targets:
+            # Remove what every image has at a position (the part a predictor can guess from its
+            # positional query alone): subtract the batch mean per position, normalise again.
+            targets = targets - targets.mean(dim=0, keepdim=True)
+            targets = F.layer_norm(targets, targets.shape[-1:])
+        return targets
 
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:

@@ -658,7 +658,7 @@ def compare_with_random_init(run_dir: str | Path, recipe: Mapping, k: int | None
     context encoder (see :func:`scott.schedules.ema_initial_share`). This is a report of a
     finished run (nothing is selected on it).
     """
-    from scott.eval.features import load_encoder
+    from scott.eval.features import PixelEncoder, load_encoder
     from scott.models import build_encoder
 
     split = split or recipe["data"]["eval_split"]
@@ -670,10 +670,12 @@ def compare_with_random_init(run_dir: str | Path, recipe: Mapping, k: int | None
     spec = trained.eval_transform_spec
     k = int(k or recipe["train"]["monitor_k"])
     sets = knn_sets(recipe, split)
+    pixels = PixelEncoder(int(recipe["model"]["in_chans"]), spec)
     return {"pretrained": knn_monitor(trained, recipe, spec, k, split, device, sets),
             "pretrained_context": knn_monitor(context, recipe, spec, k, split, device, sets),
             "random_init": knn_monitor(random_init, recipe, spec, k, split, device, sets),
-            "k": k, "split": split}
+            "pixels": knn_monitor(pixels, recipe, spec, k, split, device, sets),
+            "pool": getattr(trained, "global_pool", "avg"), "k": k, "split": split}
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -163,3 +163,26 @@ def test_pixel_encoder_and_feature_cache(tmp_path, run_dir):
     expected = (torch.from_numpy(np.array(data.images[0])).float().flatten() / 255.0 - 0.5) / 0.5
     torch.testing.assert_close(f1[0], expected, rtol=1e-5, atol=1e-5)
     assert key != feature_cache_key(path / "encoder.safetensors", "demo-test", "avg")
+
+
+def test_extract_features_follows_the_encoders_global_pool():
+    import torch as _torch
+
+    from scott.eval.features import extract_features as _extract
+    from scott.models import build_encoder
+
+    cfg = dict(tokenizer="small", backend="dense", img_size=16, patch_size=4, in_chans=1, embed_dim=8,
+               depth=1, num_heads=2, hidden_dim=4)
+    _torch.manual_seed(0)
+    avg_enc = build_encoder(cfg)
+    grid_enc = build_encoder({**cfg, "global_pool": "grid2"})
+    grid_enc.load_state_dict(avg_enc.state_dict())
+    data = [(_torch.randn(1, 16, 16), i % 2) for i in range(4)]
+    spec = lambda x: x  # noqa: E731  tensors in, tensors out
+    a, _ = _extract(avg_enc, data, transform=spec, progress=False)
+    g, _ = _extract(grid_enc, data, transform=spec, progress=False)
+    assert a.shape == (4, 8) and g.shape == (4, 32)
+    # grid2 of a 4x4 grid = means of the four 2x2 quadrants; their mean is the avg pooling
+    assert _torch.allclose(g.reshape(4, 8, 4).mean(-1), a, atol=1e-6)
+    forced, _ = _extract(grid_enc, data, pool="avg", transform=spec, progress=False)
+    assert _torch.allclose(forced, a, atol=1e-6)

@@ -105,3 +105,31 @@ def test_leaky_masking_leaks_only_where_a_masked_neighbour_is_in_reach():
     assert diff[:, 1].min() > 0      # the row next to the masked half differs: the leak
     with pytest.raises(ValueError, match="masking"):
         Tokenizer(embed_dim=16, patch_size=4, in_chans=1, stack="small", masking="dense")
+
+
+def test_centered_targets_have_no_position_component():
+    obj = _objective(center_targets=True)
+    x = torch.randn(6, 1, 16, 16)
+    t = obj.targets(None, x)
+    plain = _objective()
+    plain.load_state_dict(obj.state_dict())
+    p = plain.targets(None, x)
+    share = lambda z: float(z.mean(0).var(0, unbiased=False).sum() / z.var(dim=(0, 1), unbiased=False).sum())  # noqa: E731
+    assert share(p) > 0.05           # uncentred targets carry what every image has at a position
+    assert share(t) < 0.02           # centred ones (almost) do not: only LayerNorm's rescaling is left
+    assert torch.allclose(t.mean(-1), torch.zeros(6, 16), atol=1e-5)
+
+
+def test_grid_pooling_keeps_layout_that_avg_pooling_loses():
+    from scott.models.encoder import pool_tokens
+
+    tokens = torch.zeros(2, 16, 3)
+    tokens[0, 0] = 1.0   # image 0: top-left token
+    tokens[1, 15] = 1.0  # image 1: bottom-right token
+    avg = pool_tokens(tokens, (4, 4), "avg")
+    assert torch.equal(avg[0], avg[1])                      # the same mean
+    grid = pool_tokens(tokens, (4, 4), "grid2")
+    assert grid.shape == (2, 12) and not torch.equal(grid[0], grid[1])
+    assert torch.allclose(grid.reshape(2, 3, 4)[0, :, 0], torch.tensor([0.25, 0.25, 0.25]))
+    with pytest.raises(ValueError, match="grid"):
+        pool_tokens(tokens, (3, 3), "grid2")

@@ -329,6 +329,8 @@ def test_knn_monitor_and_random_init_report(tmp_path):
     assert report["pretrained"] == pytest.approx(top1, abs=1e-9)
     assert 0.3 < report["random_init"] <= 1.0 and report["k"] == 10
     assert 0.3 < report["pretrained_context"] <= 1.0
+    # raw pixels through the same bank/query rule: 16 px demo images are far above chance too
+    assert 0.5 < report["pixels"] <= 1.0 and report["pool"] == "avg"
 
 
 @pytest.mark.slow

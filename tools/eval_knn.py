@@ -22,14 +22,15 @@ from rich.table import Table  # noqa: E402
 from scott.config import run_cli  # noqa: E402
 from scott.eval.knn import knn_classify_many  # noqa: E402
 from scott.eval.runs import (  # noqa: E402
-    add_source_args, command_line, default_json_path, eval_datasets, features_for, limit_dataset,
-    resolve_device, result_record, source_from_args, write_json,
+    add_pool_arg, add_source_args, command_line, default_json_path, eval_datasets, features_for, limit_dataset,
+    resolve_device, resolve_pool, result_record, source_from_args, write_json,
 )
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_args(parser)
+    add_pool_arg(parser)
     parser.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200], help="neighbour counts")
     parser.add_argument("--temperature", type=float, default=0.07, help="vote temperature T [0.07]")
     parser.add_argument("--cache-dir", default=None, help="feature cache folder (default: none)")
@@ -48,14 +49,15 @@ def main(argv=None):
     train = limit_dataset(train, args.limit_train, args.seed)
     test = limit_dataset(test, args.limit_test, args.seed)
     name = source.recipe["data"]["name"]
-    xb, yb = features_for(source, train, f"{name}-trainval", "avg", args.batch_size, device, args.cache_dir,
+    pool = resolve_pool(args, source)
+    xb, yb = features_for(source, train, f"{name}-trainval", pool, args.batch_size, device, args.cache_dir,
                           args.num_workers)
-    xq, yq = features_for(source, test, f"{name}-test", "avg", args.batch_size, device, args.cache_dir,
+    xq, yq = features_for(source, test, f"{name}-test", pool, args.batch_size, device, args.cache_dir,
                           args.num_workers)
     results = knn_classify_many(xb, yb, xq, yq, ks=args.k, temperature=args.temperature)
 
     table = Table(title=f"weighted kNN: {source.description}",
-                  caption=f"{name}: {len(yb)} train / {len(yq)} test, T={args.temperature}")
+                  caption=f"{name}: {len(yb)} train / {len(yq)} test, T={args.temperature}, pool {pool}")
     table.add_column("k", justify="right")
     table.add_column("top-1 %", justify="right")
     table.add_column("top-5 %", justify="right")
@@ -67,7 +69,7 @@ def main(argv=None):
         "eval_knn", source, command_line(__file__, argv),
         args.seed, len(yb), len(yq),
         {"k": {str(k): {"top1": t1, "top5": t5} for k, (t1, t5) in results.items()},
-         "temperature": args.temperature, "pool": "avg"},
+         "temperature": args.temperature, "pool": pool},
         {"limit_train": args.limit_train, "limit_test": args.limit_test},
     )
     out = args.json or default_json_path(source, "knn")

@@ -21,14 +21,15 @@ from rich.console import Console  # noqa: E402
 from scott.config import run_cli  # noqa: E402
 from scott.eval.linear import DEFAULT_EPOCHS, DEFAULT_LRS, linear_grid, linear_probe  # noqa: E402
 from scott.eval.runs import (  # noqa: E402
-    add_source_args, command_line, default_cache_dir, log_probe_candidate, probe_features, report_probe,
-    resolve_device, source_from_args,
+    add_pool_arg, add_source_args, command_line, default_cache_dir, log_probe_candidate, probe_features, report_probe,
+    resolve_device, resolve_pool, source_from_args,
 )
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_args(parser)
+    add_pool_arg(parser)
     parser.add_argument("--lrs", type=float, nargs="+", default=list(DEFAULT_LRS), help="learning-rate grid")
     parser.add_argument("--epochs", type=int, nargs="+", default=list(DEFAULT_EPOCHS), help="epoch grid")
     parser.add_argument("--probe-batch-size", type=int, default=256, help="probe mini-batch [256]")
@@ -49,14 +50,15 @@ def main(argv=None):
     source = source_from_args(args)
     device = resolve_device(args.device)
     cache = None if args.no_cache else (args.cache_dir or default_cache_dir(source))
-    train, test = probe_features(source, "avg", args.batch_size, device, cache, args.limit_train,
+    pool = resolve_pool(args, source)
+    train, test = probe_features(source, pool, args.batch_size, device, cache, args.limit_train,
                                  args.limit_test, args.seed, args.num_workers)
     val_fraction = args.val_fraction or float(source.recipe["data"]["val_fraction"])
     grid = linear_grid(args.lrs, args.epochs, args.probe_batch_size, args.weight_decay)
     result = linear_probe(train, test, grid=grid, val_fraction=val_fraction, seed=args.seed,
                           refit=args.refit, device=device, on_result=log_probe_candidate(console))
     return report_probe("eval_linear", "linear", "linear probe", source, result, args,
-                        command_line(__file__, argv), len(train), len(test), val_fraction, "avg", console)
+                        command_line(__file__, argv), len(train), len(test), val_fraction, pool, console)
 
 
 if __name__ == "__main__":

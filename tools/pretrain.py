@@ -74,10 +74,10 @@ def main(argv=None) -> int:
     if args.no_knn or not summary.get("is_main_process", True):
         return 0
     report = compare_with_random_init(output, recipe, device=summary.get("device"))
-    print(f"kNN top-1 (k={report['k']}) on the {report['split']} split: "
+    print(f"kNN top-1 (k={report['k']}, {report['pool']} pooling) on the {report['split']} split: "
           f"pretrained target encoder {100 * report['pretrained']:.2f} %, "
           f"pretrained context encoder {100 * report['pretrained_context']:.2f} %, "
-          f"random init {100 * report['random_init']:.2f} %")
+          f"random init {100 * report['random_init']:.2f} %, raw pixels {100 * report['pixels']:.2f} %")
     return 0
 
 

@@ -209,7 +209,7 @@ def _model_device(module: nn.Module, device) -> torch.device:
 def extract_features(
     encoder: nn.Module,
     dataset,
-    pool: str = "avg",
+    pool: str | None = None,
     batch_size: int = 64,
     device: str | torch.device | None = None,
     transform: Callable | None = None,
@@ -223,11 +223,16 @@ def extract_features(
     evaluation transform (grey images are converted to the encoder's colour mode). The encoder is
     put in eval mode and run under ``torch.no_grad`` on full images (``visible=None``).
 
-    Returns ``(features, labels)``: features ``[N, D]`` for ``pool="avg"`` (mean over tokens) or
-    ``[N, T, D]`` for ``pool="tokens"``, float32 on the CPU; labels ``[N]`` long.
+    Returns ``(features, labels)``: features ``[N, D]`` for ``pool="avg"`` (mean over tokens),
+    ``[N, K*K*D]`` for ``pool="gridK"`` (means over a K x K grid of regions, concatenated) or
+    ``[N, T, D]`` for ``pool="tokens"``, float32 on the CPU; labels ``[N]`` long. ``pool=None``
+    uses the encoder's ``global_pool`` (``model.global_pool`` of its recipe; ``avg`` if absent).
     """
-    if pool not in ("avg", "tokens"):
-        raise ValueError(f"pool must be 'avg' or 'tokens', got {pool!r}")
+    from scott.models.encoder import GLOBAL_POOLS
+
+    pool = pool or getattr(encoder, "global_pool", "avg")
+    if pool not in (*GLOBAL_POOLS, "tokens"):
+        raise ValueError(f"pool must be one of {(*GLOBAL_POOLS, 'tokens')}, got {pool!r}")
     if len(dataset) == 0:
         raise ValueError("cannot extract features of an empty dataset")
     fn, convert_pil = resolve_transform(encoder, transform)
@@ -242,13 +247,23 @@ def extract_features(
         with _progress(progress, description, len(dataset)) as advance:
             for images, y in loader:
                 tokens = encoder(images.to(device), None, "all")
-                out = tokens.mean(dim=1) if pool == "avg" else tokens
+                out = tokens if pool == "tokens" else _pooled(encoder, tokens, images, pool)
                 feats.append(out.float().cpu())
                 labels.append(y.long())
                 advance(images.shape[0])
     finally:
         encoder.train(was_training)
     return torch.cat(feats), torch.cat(labels)
+
+
+def _pooled(encoder: nn.Module, tokens: torch.Tensor, images: torch.Tensor, pool: str) -> torch.Tensor:
+    """One feature vector per image; a single-token "encoder" (raw pixels) is its token."""
+    from scott.models.encoder import pool_tokens
+
+    if tokens.shape[1] == 1 or pool == "avg":
+        return tokens.mean(dim=1)
+    patch = int(getattr(encoder, "patch_size"))
+    return pool_tokens(tokens, (images.shape[-2] // patch, images.shape[-1] // patch), pool)
 
 
 class _progress:

@@ -166,6 +166,19 @@ def add_source_args(parser: argparse.ArgumentParser, which: bool = True) -> None
     parser.add_argument("--num-workers", type=int, default=0, help="data loader workers [0]")
 
 
+def add_pool_arg(parser: argparse.ArgumentParser) -> None:
+    """``--pool`` of the tools that evaluate one feature vector per image."""
+    from scott.models.encoder import GLOBAL_POOLS
+
+    parser.add_argument("--pool", choices=GLOBAL_POOLS, default=None,
+                        help="token pooling (default: the encoder's model.global_pool, avg if unset)")
+
+
+def resolve_pool(args: argparse.Namespace, source: EvalSource) -> str:
+    """The pooling a tool uses: ``--pool`` or the encoder's own ``global_pool``."""
+    return getattr(args, "pool", None) or getattr(source.encoder, "global_pool", "avg")
+
+
 def source_from_args(args: argparse.Namespace) -> EvalSource:
     """The one source named by parsed CLI arguments (exactly one of RUN_DIR, --random-init, --pixels)."""
     from scott.config import RecipeError

@@ -12,9 +12,27 @@ from timm.models.vision_transformer import Block
 from ..tokenizer import Tokenizer, gather_visible
 from .pos_embed import sincos_2d
 
-__all__ = ["Encoder", "build_encoder", "CONTEXT_MODES", "init_transformer_", "touch"]
+__all__ = ["Encoder", "build_encoder", "CONTEXT_MODES", "GLOBAL_POOLS", "pool_tokens", "init_transformer_", "touch"]
 
 CONTEXT_MODES = ("all", "visible")
+#: How patch tokens become one feature vector: ``avg`` (mean over tokens, I-JEPA's) or ``gridK``
+#: (means over a K x K grid of overlapping regions, concatenated: K*K*D, keeps coarse layout).
+GLOBAL_POOLS = ("avg", "grid2", "grid3")
+
+
+def pool_tokens(tokens: torch.Tensor, grid_size, pool: str = "avg") -> torch.Tensor:
+    """``[B, N, D]`` tokens of a ``grid_size = (gh, gw)`` patch grid -> ``[B, F]`` features."""
+    if pool == "avg":
+        return tokens.mean(dim=1)
+    if pool not in GLOBAL_POOLS:
+        raise ValueError(f"pool must be one of {GLOBAL_POOLS}, got {pool!r}")
+    k = int(pool[4:])
+    b, n, d = tokens.shape
+    gh, gw = int(grid_size[0]), int(grid_size[1])
+    if gh * gw != n:
+        raise ValueError(f"{n} tokens do not fill a {gh}x{gw} grid")
+    grid = tokens.transpose(1, 2).reshape(b, d, gh, gw)
+    return F.adaptive_avg_pool2d(grid, (min(k, gh), min(k, gw))).flatten(1)
 
 
 def init_transformer_(blocks: nn.ModuleList, *extra: nn.Module) -> None:
@@ -77,10 +95,13 @@ class Encoder(nn.Module):
     def __init__(self, img_size=224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 384,
                  depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0, tokenizer: str = "scott",
                  backend: str = "auto", hidden_dim: int = 64, token_norm: bool = True,
-                 tokenizer_masking: str = "sparse"):
+                 tokenizer_masking: str = "sparse", global_pool: str = "avg"):
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        if global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
+        self.global_pool = global_pool
         self.embed_dim = int(embed_dim)
         self.tokenizer = Tokenizer(embed_dim=embed_dim, patch_size=patch_size, in_chans=in_chans,
                                    stack=tokenizer, backend=backend, img_size=img_size,
@@ -151,10 +172,15 @@ class Encoder(nn.Module):
             return (*out, blocks) if return_positions else (out, blocks)
         return out
 
+    def pool(self, tokens: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """``tokens`` of full ``images`` pooled as :attr:`global_pool` says."""
+        grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
+        return pool_tokens(tokens, grid, self.global_pool)
+
     @torch.no_grad()
     def forward_features_pooled(self, images: torch.Tensor) -> torch.Tensor:
-        """Average-pooled patch tokens of full images, ``[B, D]`` (for evaluation)."""
-        return self.forward(images).mean(dim=1)
+        """Pooled patch tokens of full images (``global_pool``), ``[B, F]`` (for evaluation)."""
+        return self.pool(self.forward(images), images)
 
 
 def build_encoder(model_cfg: dict, backend: str | None = None) -> Encoder:
@@ -166,4 +192,5 @@ def build_encoder(model_cfg: dict, backend: str | None = None) -> Encoder:
                    mlp_ratio=cfg.get("mlp_ratio", 4.0), tokenizer=cfg.get("tokenizer", "scott"),
                    backend=backend or cfg.get("backend", "auto"), hidden_dim=cfg.get("hidden_dim", 64),
                    token_norm=cfg.get("token_norm", True),
-                   tokenizer_masking=cfg.get("tokenizer_masking", "sparse"))
+                   tokenizer_masking=cfg.get("tokenizer_masking", "sparse"),
+                   global_pool=cfg.get("global_pool", "avg"))
