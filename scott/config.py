@@ -159,6 +159,7 @@ SCHEMA: Mapping[str, Mapping[str, Field]] = {
         "target_layers": _pos_int(1),
         "global_weight": _nonneg_float(0.0),
         "center_targets": Field("bool", False),
+        "global_view": Field("choice", "same", choices=("same", "crop")),
     },
     "optim": {
         "lr": _pos_float(5e-4),
@@ -630,6 +631,11 @@ def _check_cross_fields(recipe: dict, source: str) -> None:
         raise RecipeError(
             f"{source}: mask.min_block: {mask['min_block']} patches is more than the "
             f"{num_patches} patches of a {model['img_size']} px image"
+        )
+    if objective["global_weight"] > 0 and objective["name"] != "mimjepa":
+        raise RecipeError(
+            f"{source}: objective.global_weight: the global term regresses MIM-JEPA's target tokens; "
+            f"objective.name {objective['name']!r} has none (set it to 0)"
         )
     if objective["target_layers"] > model["depth"]:
         raise RecipeError(

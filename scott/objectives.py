@@ -172,8 +172,12 @@ class _MaskedPrediction(nn.Module):
     def targets(self, images_ctx: torch.Tensor, images_tgt: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, images_ctx: torch.Tensor, images_tgt: torch.Tensor, masks):
+    def forward(self, images_ctx: torch.Tensor, images_tgt: torch.Tensor, masks,
+                images_global: torch.Tensor | None = None):
         """``(loss, stats)`` for a batch; ``masks`` is a :class:`MaskBatch` or a visible tensor.
+
+        ``images_global`` (optional) is a third view of each image whose mean target token the
+        global head regresses instead of the same view's (``objective.global_view: crop``).
 
         ``stats`` holds detached scalars: ``loss``, ``num_visible`` and ``num_target`` (patches
         per image), ``pred_std`` / ``target_std`` (mean per-channel std over all predicted
@@ -193,7 +197,12 @@ class _MaskedPrediction(nn.Module):
         target = self._select(full_target, query_pos)
         loss = masked_loss(pred, target, weight, self.loss_kind)
         if pooled is not None:
-            global_target = full_target.float().mean(1)
+            if images_global is None:  # the same view's target tokens
+                global_target = full_target.float().mean(1)
+            else:  # another crop of each image (objective.global_view: crop)
+                with torch.no_grad():
+                    global_target = self.targets(images_global, images_global).float().mean(1)
+                global_target = global_target.repeat_interleave(m, dim=0) if m > 1 else global_target
             global_target = F.layer_norm(global_target, global_target.shape[-1:])
             ones = torch.ones(pooled.shape[0], 1, dtype=torch.bool, device=pooled.device)
             global_loss = masked_loss(pooled.unsqueeze(1), global_target.unsqueeze(1), ones, self.loss_kind)

@@ -201,17 +201,17 @@ def resolve_output_dir(recipe: Mapping, output: str | Path | None = None) -> Pat
     return Path("runs") / str(recipe.get("name", "run"))
 
 
-def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """(context images, target images) from what the pretraining dataset's collate gives."""
+def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(context images, target images, extra view or None) from the pretraining collate."""
     if isinstance(batch, Mapping):
         ctx = batch.get("context", batch.get("images_ctx"))
         tgt = batch.get("target", batch.get("images_tgt", ctx))
-        return ctx, tgt
+        return ctx, tgt, batch.get("extra")
     if isinstance(batch, (tuple, list)):
         if len(batch) == 1:
-            return batch[0], batch[0]
-        return batch[0], batch[1]
-    return batch, batch
+            return batch[0], batch[0], None
+        return batch[0], batch[1], (batch[2] if len(batch) > 2 else None)
+    return batch, batch, None
 
 
 @dataclass
@@ -363,13 +363,14 @@ class PretrainRun:
             t0 = time.perf_counter()
             batch = next(batches)
             wait += time.perf_counter() - t0
-            ctx, tgt = _split_batch(batch)
+            ctx, tgt, extra = _split_batch(batch)
             ctx = ctx.to(device, non_blocking=True)
             tgt = tgt.to(device, non_blocking=True)
+            views = () if extra is None else (extra.to(device, non_blocking=True),)
             masks = self.masks(step, self.acc.process_index * self.accum + micro)
             masks = masks.to(device)
             with self.acc.accumulate(self.model):
-                loss, _stats = self.model(ctx, tgt, masks)
+                loss, _stats = self.model(ctx, tgt, masks, *views)
                 loss_sum += loss.detach().float()
                 self.acc.backward(loss)
             if self.acc.sync_gradients != (micro == self.accum - 1):

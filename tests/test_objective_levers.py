@@ -133,3 +133,37 @@ def test_grid_pooling_keeps_layout_that_avg_pooling_loses():
     assert torch.allclose(grid.reshape(2, 3, 4)[0, :, 0], torch.tensor([0.25, 0.25, 0.25]))
     with pytest.raises(ValueError, match="grid"):
         pool_tokens(tokens, (3, 3), "grid2")
+
+
+def test_extra_view_leaves_the_first_two_views_unchanged():
+    from PIL import Image as _Image
+
+    from scott.data.transforms import TwoViewTransform
+
+    img = _Image.fromarray((torch.rand(28, 28) * 255).byte().numpy())
+    two = TwoViewTransform(28, 1, crop_scale=(0.3, 1.0))(img, torch.Generator().manual_seed(5))
+    three = TwoViewTransform(28, 1, crop_scale=(0.3, 1.0), extra_view=True)(img, torch.Generator().manual_seed(5))
+    assert len(two) == 2 and len(three) == 3
+    assert torch.equal(two[0], three[0]) and torch.equal(two[1], three[1])
+    assert not torch.equal(three[0], three[2])  # its own crop
+
+
+def test_cross_view_global_target_comes_from_the_other_view():
+    obj = _objective(global_weight=1.0, global_view="crop")
+    x, m = torch.randn(4, 1, 16, 16), _masks(4)
+    other = torch.randn(4, 1, 16, 16)
+    same, _ = obj(x, x, m)
+    cross, _ = obj(x, x, m, other)
+    obj.global_weight = 0.0
+    local, _ = obj(x, x, m)
+    pooled = obj.global_head(obj.context_encoder(x, m.visible, context_tokens="visible").mean(1))
+    target = F.layer_norm(obj.targets(other, other).mean(1), (32,))
+    assert torch.allclose(cross - local, F.smooth_l1_loss(pooled, target), atol=1e-5)
+    assert not torch.allclose(same, cross)
+
+
+def test_global_term_needs_the_latent_objective():
+    from scott.config import RecipeError, resolve_recipe
+
+    with pytest.raises(RecipeError, match="objective.global_weight"):
+        resolve_recipe({"objective": {"name": "pixel", "global_weight": 1.0}}, source="<t>", check_data=False)

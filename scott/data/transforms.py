@@ -179,10 +179,14 @@ def random_crop_box(width: int, height: int, scale, ratio, g: torch.Generator) -
 
 
 class TwoViewTransform:
-    """PIL image + generator -> (context view, target view), normalised tensors [C, S, S]."""
+    """PIL image + generator -> (context view, target view), normalised tensors [C, S, S].
+
+    With ``extra_view`` a third view follows: another crop of the same image with its own flip
+    and colours (the cross-view global target of ``objective.global_view: crop``).
+    """
 
     def __init__(self, img_size: int, in_chans: int, crop_scale=(0.2, 1.0), augment: str = "paper",
-                 target_view: str = "jitter", mean=None, std=None):
+                 target_view: str = "jitter", mean=None, std=None, extra_view: bool = False):
         if augment not in ("paper", "light", "none"):
             raise ValueError(f"augment must be paper, light or none, got {augment!r}")
         if target_view not in ("same", "jitter"):
@@ -191,6 +195,7 @@ class TwoViewTransform:
         self.img_size, self.in_chans = int(img_size), int(in_chans)
         self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
         self.augment, self.target_view = augment, target_view
+        self.extra_view = bool(extra_view)  # a third view: its own crop, flip and colours
         self.blur_kernel = min(_BLUR_KERNEL, self.img_size if self.img_size % 2 else self.img_size - 1)
 
     def _geometry(self, img: Image.Image, g: torch.Generator) -> torch.Tensor:
@@ -230,7 +235,11 @@ class TwoViewTransform:
             target = self._colour(base.clone(), g) if self.target_view == "jitter" else context
         normalize = lambda t: TF.normalize(t, self.eval.mean, self.eval.std)  # noqa: E731
         context = normalize(context)
-        return context, (normalize(target) if target is not context else context.clone())
+        views = (context, normalize(target) if target is not context else context.clone())
+        if self.extra_view:  # drawn after the first two, so they are the same with or without it
+            other = self._geometry(img, g)
+            views += (normalize(self._colour(other, g) if self.augment == "paper" else other),)
+        return views
 
     def __repr__(self) -> str:
         return (f"TwoViewTransform(img_size={self.img_size}, in_chans={self.in_chans}, crop_scale={self.crop_scale}, "
@@ -244,6 +253,7 @@ def build_pretrain_transform(recipe: dict) -> TwoViewTransform:
     return TwoViewTransform(
         model["img_size"], model["in_chans"], recipe["data"]["crop_scale"], recipe["data"]["augment"],
         recipe["objective"]["target_view"], spec["mean"], spec["std"],
+        extra_view=recipe["objective"]["global_weight"] > 0 and recipe["objective"]["global_view"] == "crop",
     )
 
 

@@ -40,7 +40,7 @@ class AugmentedLabels(torch.utils.data.Dataset):
         self.visits[index] += 1
         image, label = self.dataset[index]
         g = torch.Generator().manual_seed(view_seed(self.seed, visit, index))
-        context, _target = self.transform(image, g)
+        context = self.transform(image, g)[0]  # the context view: the recipe's augmentation
         return context, int(label)
 
 
