@@ -7,13 +7,18 @@ training loop finishes the current step, writes a checkpoint and raises
 and how to resume, with exit status ``128 + signal`` (143 for SIGTERM, 130 for SIGINT). A
 second Ctrl-C quits at once (``KeyboardInterrupt``), leaving the last complete checkpoint.
 
-DataLoader workers ignore both signals (:func:`ignore_in_worker`): a Ctrl-C reaches the whole
-foreground process group, and a worker killed mid-step would break the step being finished.
-Workers still exit when the main process does.
+DataLoader workers (:func:`ignore_in_worker`) ignore Ctrl-C, which reaches the whole foreground
+process group, and ignore SIGTERM while the training loop runs (a scheduler signals every
+process of the job; a worker killed mid-step would break the step being finished). Once the
+loop has ended, a SIGTERM ends a worker again, as PyTorch's loader shutdown expects
+(``terminate()`` of a worker that did not exit by itself); workers also exit when the main
+process dies.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import signal
 import sys
 import threading
@@ -22,6 +27,10 @@ from pathlib import Path
 __all__ = ["StopRequest", "TrainingInterrupted", "ignore_in_worker"]
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+#: Set when the training loop of this process has ended: workers forked from it may then be
+#: terminated. (Inherited by forked workers; with "spawn" workers keep the default SIGTERM.)
+_loop_ended = None
 
 
 class TrainingInterrupted(Exception):
@@ -48,12 +57,17 @@ class StopRequest:
         self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
 
     def install(self) -> "StopRequest":
+        global _loop_ended
         if threading.current_thread() is threading.main_thread():
             for sig in _SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+        _loop_ended = self._loop_ended = multiprocessing.Event()
         return self
 
     def restore(self) -> None:
+        """Put the previous handlers back and let this loop's workers be terminated again."""
+        if getattr(self, "_loop_ended", None) is not None:
+            self._loop_ended.set()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
@@ -75,5 +89,13 @@ class StopRequest:
 
 def ignore_in_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: the main process decides when to stop."""
-    for sig in _SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _worker_sigterm)
+
+
+def _worker_sigterm(signum, frame) -> None:
+    """SIGTERM in a worker: ignored while the training loop runs, else the default (exit)."""
+    ended = _loop_ended
+    if ended is None or ended.is_set():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
