@@ -57,6 +57,7 @@ PRETRAIN_ROWS = {
 }
 ALL_ROWS = [*PRETRAIN_ROWS, "supervised", "random_init", "pixels"]
 CALIBRATION_STEPS = 12
+FEW_LABEL_STEPS = 600  # supervised-from-scratch steps on 10 / 100 labels per class (it overfits long before)
 KNN_K = 20
 
 
@@ -302,8 +303,9 @@ def evaluate_supervised(args, seed: int, budget_s: float, out: Path, log) -> dic
         accs = []
         for d in range(args.draws):
             few = labels_per_class(labels, count, seed=d, pool=fit_idx)
-            # the same number of optimiser steps as the full-label run, at least 20 epochs
-            few_epochs = max(20, int(epochs * steps_per_epoch / max(1, len(few) // batch)))
+            # as many optimiser steps as the full-label run, capped at FEW_LABEL_STEPS, >= 20 epochs
+            steps = min(epochs * steps_per_epoch, FEW_LABEL_STEPS)
+            few_epochs = max(20, int(steps / max(1, len(few) // batch)))
             res = supervised_from_scratch(recipe, LabeledSubset(train, few), val, test_view, few_epochs, classes,
                                           seed=seed, batch_size=min(batch, len(few)), log=lambda s: None)
             accs.append(res["test"]["top1"])

@@ -133,7 +133,7 @@ SCHEMA: Mapping[str, Mapping[str, Field]] = {
         "hidden_dim": _pos_int(64),
         "token_norm": Field("bool", True),
         "tokenizer_masking": Field("choice", "sparse", choices=("sparse", "leaky")),
-        "global_pool": Field("choice", "avg", choices=("avg", "grid2", "grid3")),
+        "global_pool": Field("choice", "avg", choices=("avg", "grid2", "grid3", "flat")),
         "context_tokens": Field("choice", "visible", choices=("visible", "all")),
         "predictor_depth": _pos_int(3),
         "predictor_dim": _pos_int(None, nullable=True),

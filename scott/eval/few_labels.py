@@ -23,7 +23,7 @@ from scott.eval.protocol import FeatureSet, _split_indices, evaluate_classifier,
 __all__ = ["few_label_probe", "FEW_LABEL_GRID"]
 
 #: Fewer examples need more epochs for the same number of updates: the grid's epochs are larger.
-FEW_LABEL_GRID = dict(lrs=(0.01, 0.03, 0.1, 0.3, 1.0), epochs=(100, 300), batch_size=64)
+FEW_LABEL_GRID = dict(lrs=(0.01, 0.1, 1.0), epochs=(100, 300), batch_size=64)
 
 
 def few_label_probe(train: FeatureSet, test: FeatureSet, per_class: int, draws: int = 3,

@@ -15,15 +15,18 @@ from .pos_embed import sincos_2d
 __all__ = ["Encoder", "build_encoder", "CONTEXT_MODES", "GLOBAL_POOLS", "pool_tokens", "init_transformer_", "touch"]
 
 CONTEXT_MODES = ("all", "visible")
-#: How patch tokens become one feature vector: ``avg`` (mean over tokens, I-JEPA's) or ``gridK``
-#: (means over a K x K grid of overlapping regions, concatenated: K*K*D, keeps coarse layout).
-GLOBAL_POOLS = ("avg", "grid2", "grid3")
+#: How patch tokens become one feature vector: ``avg`` (mean over tokens, I-JEPA's), ``gridK``
+#: (means over a K x K grid of overlapping regions, concatenated: K*K*D, keeps coarse layout) or
+#: ``flat`` (every token, concatenated: N*D, keeps the whole layout; for small patch grids).
+GLOBAL_POOLS = ("avg", "grid2", "grid3", "flat")
 
 
 def pool_tokens(tokens: torch.Tensor, grid_size, pool: str = "avg") -> torch.Tensor:
     """``[B, N, D]`` tokens of a ``grid_size = (gh, gw)`` patch grid -> ``[B, F]`` features."""
     if pool == "avg":
         return tokens.mean(dim=1)
+    if pool == "flat":
+        return tokens.flatten(1)
     if pool not in GLOBAL_POOLS:
         raise ValueError(f"pool must be one of {GLOBAL_POOLS}, got {pool!r}")
     k = int(pool[4:])
