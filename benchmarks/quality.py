@@ -388,6 +388,8 @@ def bar_chart_png(summary: dict, path: Path, title: str, cols) -> Path:
 def main(argv=None):
     from rich.console import Console
 
+    from scott.data.datasets import build_pretrain_dataset
+
     args = parse_args(argv)
     console = Console(width=max(150, Console().width))
     if args.threads:
@@ -428,7 +430,7 @@ def main(argv=None):
         "recipe": args.recipe, "regime": regime_name(args), "budget_minutes": args.budget_minutes,
         "steps": args.steps, "seeds": args.seeds, "label_counts": args.label_counts, "draws": args.draws,
         "cpu": cpu_model(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "n_pretrain_images": None, "knn_k": KNN_K, "base_recipe": base,
+        "n_pretrain_images": len(build_pretrain_dataset(base["data"])), "knn_k": KNN_K, "base_recipe": base,
         "summary": summary, "rows": rows, "total_wall_s": time.perf_counter() - t_start,
         "date": time.strftime("%Y-%m-%d"),
     }

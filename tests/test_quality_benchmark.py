@@ -143,6 +143,7 @@ def test_two_step_benchmark_writes_table_json_and_png(tmp_path):
     record = json.loads((out / "quality.json").read_text())
     assert set(record["summary"]) == {"ours", "supervised", "pixels"}
     assert record["rows"]["ours"][0]["steps"] == 2 and record["n_train"] == 100 and record["n_test"] == 1000
+    assert record["n_pretrain_images"] == 100
     assert record["cpu"] and record["command"].startswith("python benchmarks/quality.py")
     for row in ("ours", "pixels"):
         stats = record["summary"][row]
