@@ -232,8 +232,9 @@ class MIMJEPA(_MaskedPrediction):
         self.center_targets = bool(objective_cfg.get("center_targets", False))
         self.target_layers = int(objective_cfg.get("target_layers", 1))
         depth = len(self.context_encoder.blocks)
-        if not 1 <= self.target_layers <= depth:
-            raise ValueError(f"objective.target_layers must be in [1, model.depth={depth}], got {self.target_layers}")
+        if self.target_layers < 1 or (self.target_layers > 1 and self.target_layers > depth):
+            raise ValueError(f"objective.target_layers must be 1 or in [2, model.depth={depth}], "
+                             f"got {self.target_layers}")
         self.target_encoder = build_encoder(model_cfg, backend="dense")
         self.target_encoder.load_state_dict(self.context_encoder.state_dict())
         self.target_encoder.requires_grad_(False)

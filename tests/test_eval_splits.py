@@ -95,3 +95,15 @@ def test_pretrain_report_uses_the_same_rule(split):
     b_bank, b_queries = bank_and_queries(recipe["data"], split, seed=5, in_chans=1)
     assert identities(a_bank) == identities(b_bank) and identities(a_queries) == identities(b_queries)
     np.testing.assert_array_equal(a_queries.labels, b_queries.labels)
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_eval_tools_use_the_same_rule(tmp_path, split):
+    from scott.eval.runs import eval_datasets
+
+    recipe = resolve_recipe({"data": {"name": "imagefolder", "root": str(_folder(tmp_path)), "eval_split": split},
+                             "model": {"tokenizer": "small", "img_size": 28, "patch_size": 4, "in_chans": 3},
+                             "mask": {"min_block": 4}}, check_data=False)
+    bank, queries = eval_datasets(recipe)
+    assert not {p for p in bank.paths} & {p for p in queries.paths}   # the val queries are not in the bank
+    assert all(f"/{split}/" in str(p) for p in queries.paths) and all("/train/" in str(p) for p in bank.paths)

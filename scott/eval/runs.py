@@ -39,7 +39,6 @@ __all__ = [
     "command_line",
 ]
 
-TRAIN_SPLIT = "trainval"  # every labelled non-test image (probes carve their validation from it)
 REPO_RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 # Native size of datasets whose images are small, for the raw-pixel baseline given a data name.
 _PIXEL_NATIVE = {"demo": (28, 1), "fashion_mnist": (28, 1)}
@@ -204,17 +203,19 @@ def resolve_device(name: str | None) -> torch.device:
 
 # ----------------------------------------------------------------------------- data
 def eval_datasets(recipe: dict, in_chans: int | None = None):
-    """(labelled train split, test split) of the recipe's dataset: ``trainval`` and ``data.eval_split``."""
+    """(labelled bank, queries) for ``data.eval_split``, by the one rule of
+    :func:`scott.data.eval_splits.bank_and_queries` (``test``: trainval vs test; ``val``: never a
+    query image in the bank; a carve-out uses ``train.seed``)."""
     from scott.config import RecipeError
-    from scott.data.datasets import DatasetError, build_dataset
+    from scott.data.datasets import DatasetError
+    from scott.data.eval_splits import bank_and_queries
 
     data_cfg = recipe["data"]
     try:
-        train = build_dataset(data_cfg, TRAIN_SPLIT, in_chans=in_chans)
-        test = build_dataset(data_cfg, data_cfg.get("eval_split", "test"), in_chans=in_chans)
+        return bank_and_queries(data_cfg, data_cfg.get("eval_split", "test"), int(recipe["train"]["seed"]),
+                                in_chans=in_chans)
     except (DatasetError, FileNotFoundError) as exc:
         raise RecipeError(f"data {data_cfg['name']!r}: {exc}") from None
-    return train, test
 
 
 def limit_dataset(dataset, limit: int | None, seed: int):
@@ -252,6 +253,13 @@ def _dataset_tags(source: EvalSource, dataset) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- results
+def _bank_split(data_cfg: dict) -> str:
+    from scott.data.eval_splits import eval_plan
+
+    plan = eval_plan(data_cfg["name"], data_cfg.get("eval_split", "test"))
+    return f"{plan.bank} (fit part)" if plan.carved else plan.bank
+
+
 def result_record(tool: str, source: EvalSource, command: str, seed: int, n_train: int, n_test: int,
                   results: dict, extra: dict | None = None) -> dict:
     """A JSON-able record: results plus everything needed to reproduce them."""
@@ -265,7 +273,7 @@ def result_record(tool: str, source: EvalSource, command: str, seed: int, n_trai
         "source": source.kind,
         **({"which": source.info["which"]} if "which" in source.info else {}),
         "data": data_cfg["name"],
-        "train_split": TRAIN_SPLIT,
+        "train_split": _bank_split(data_cfg),
         "test_split": data_cfg.get("eval_split", "test"),
         "command": command,
         "seed": seed,
