@@ -385,6 +385,21 @@ def bar_chart_png(summary: dict, path: Path, title: str, cols) -> Path:
     return path
 
 
+def check_label_counts(args, recipe: dict) -> None:
+    """Every ``--label-counts`` value must fit in the smallest class of the probes' fit part."""
+    from scott.data.datasets import split_train_val
+    from scott.eval.runs import dataset_labels, eval_datasets
+
+    train, _ = eval_datasets(eval_recipe(args, recipe))
+    labels = dataset_labels(train).numpy()
+    fit, _ = split_train_val(labels, float(recipe["data"]["val_fraction"]), 0)
+    smallest = int(np.bincount(labels[fit])[np.unique(labels[fit])].min())
+    too_many = [c for c in args.label_counts if c > smallest]
+    if too_many:
+        raise RecipeError(f"--label-counts {too_many}: the smallest class has {smallest} labelled images in the "
+                          f"probes' fit part ({len(fit)} images); use counts <= {smallest}")
+
+
 def main(argv=None):
     from rich.console import Console
 
@@ -398,6 +413,7 @@ def main(argv=None):
             (args.budget_minutes is not None and args.budget_minutes <= 0):
         raise RecipeError("need --seeds >= 1, --draws >= 1 and a positive --steps or --budget-minutes")
     base = load_recipe(args.recipe, row_overrides(args, "ours", 0))  # fails early, one line, exit 2
+    check_label_counts(args, base)
     out = Path(args.out or Path("runs") / "quality" / f"{Path(args.recipe).stem}-{regime_name(args)}")
     out.mkdir(parents=True, exist_ok=True)
     log = console.log
