@@ -78,6 +78,8 @@ def parse_args(argv=None):
     budget.add_argument("--budget-minutes", type=float, help="pretraining wall-clock budget of every row")
     budget.add_argument("--steps", type=int, help="fixed pretraining steps of every row instead of a budget")
     p.add_argument("--seeds", type=int, default=1, help="seeds per row [1]")
+    p.add_argument("--row-seeds", action="append", default=[], metavar="ROW:N",
+                   help="seeds for one row instead of --seeds (e.g. pixel:1)")
     p.add_argument("--rows", nargs="+", default=ALL_ROWS, choices=ALL_ROWS)
     p.add_argument("--subset", type=int, default=None, metavar="N_IMAGES",
                    help="use N images drawn from the train split (stratified, data.train_subset)")
@@ -385,6 +387,17 @@ def bar_chart_png(summary: dict, path: Path, title: str, cols) -> Path:
     return path
 
 
+def seeds_of(args, row: str) -> int:
+    """``--row-seeds ROW:N`` for ``row``, else ``--seeds``."""
+    for item in args.row_seeds:
+        name, _, count = item.partition(":")
+        if name not in ALL_ROWS or not count.isdigit() or int(count) < 1:
+            raise RecipeError(f"--row-seeds {item!r}: expected ROW:N with ROW one of {', '.join(ALL_ROWS)} and N >= 1")
+        if name == row:
+            return int(count)
+    return args.seeds
+
+
 def check_label_counts(args, recipe: dict) -> None:
     """Every ``--label-counts`` value must fit in the smallest class of the probes' fit part."""
     from scott.data.datasets import split_train_val
@@ -421,7 +434,7 @@ def main(argv=None):
     rows: dict[str, list[dict]] = {}
     ours_budget = []
     for row in [r for r in ALL_ROWS if r in args.rows]:
-        for seed in range(args.seeds):
+        for seed in range(seeds_of(args, row)):
             if row in PRETRAIN_ROWS:
                 record = pretrain_row(args, row, seed, out, log)
                 record.update(evaluate_pretrained(args, row, seed, out, log))
@@ -444,7 +457,7 @@ def main(argv=None):
     record = {
         "command": "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "recipe": args.recipe, "regime": regime_name(args), "budget_minutes": args.budget_minutes,
-        "steps": args.steps, "seeds": args.seeds, "label_counts": args.label_counts, "draws": args.draws,
+        "steps": args.steps, "seeds": {r: seeds_of(args, r) for r in rows}, "label_counts": args.label_counts, "draws": args.draws,
         "cpu": cpu_model(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "n_pretrain_images": len(build_pretrain_dataset(base["data"])), "knn_k": KNN_K, "base_recipe": base,
         "summary": summary, "rows": rows, "total_wall_s": time.perf_counter() - t_start,

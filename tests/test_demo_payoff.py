@@ -1,4 +1,4 @@
-"""The shipped demo recipe learns something: its exported encoder beats random init (slow, ~4 min)."""
+"""The shipped demo recipe learns something: its exported encoders beat random init and raw pixels (slow, ~3 min)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ def test_demo_recipe_target_encoder_beats_random_init_on_validation(tmp_path):
     pretrain(recipe, tmp_path)
     # the validation split carved from train, never the test split
     report = compare_with_random_init(tmp_path, recipe, split="val")
-    # measured: target 76.6 %, context 77.8 %, random init 70.8 % (500 val images; 1 SE ~ 2 points)
-    assert report["pretrained"] >= report["random_init"] + 0.03, report
-    assert report["pretrained_context"] >= report["random_init"] + 0.03, report
+    # measured (flat pooling, 936 steps): target 84.8 %, context 85.6 %, random init 81.0 %, raw
+    # pixels 80.8 % (500 val images; 1 SE ~ 1.7 points)
+    assert report["pool"] == "flat"
+    for which in ("pretrained", "pretrained_context"):
+        assert report[which] >= report["random_init"] + 0.02, report
+        assert report[which] >= report["pixels"] + 0.02, report
