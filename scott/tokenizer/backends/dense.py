@@ -18,18 +18,7 @@ def available() -> tuple[bool, str]:
 def run(layers, images: torch.Tensor, visible: torch.Tensor | None,
         channels_last: bool | None = None) -> torch.Tensor:
     """Return ``[B, D, gh, gw]``; ``channels_last`` defaults to True on CPU (its fastest layout)."""
-    if channels_last is None:
-        channels_last = images.device.type == "cpu"
-    x = images
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    if visible is not None:
-        x = x * mask_at(visible, x.shape[2], x.shape[3]).to(x.dtype)
-    for layer in layers:
-        x = layer.dense(x)
-        if visible is not None and layer.kind != "act":
-            x = x * mask_at(visible, x.shape[2], x.shape[3]).to(x.dtype)
-    return x
+    return _run(layers, images, visible, channels_last, remask=True)
 
 
 def run_leaky(layers, images: torch.Tensor, visible: torch.Tensor | None,
@@ -39,6 +28,10 @@ def run_leaky(layers, images: torch.Tensor, visible: torch.Tensor | None,
     after each layer, and only the output tokens of masked patches are zeroed. A visible token
     near a masked region then depends on the zero-filled pixels and on activations that grew
     into the masked area, so it differs from :func:`run` there."""
+    return _run(layers, images, visible, channels_last, remask=False)
+
+
+def _run(layers, images, visible, channels_last, remask: bool) -> torch.Tensor:
     if channels_last is None:
         channels_last = images.device.type == "cpu"
     x = images
@@ -48,6 +41,8 @@ def run_leaky(layers, images: torch.Tensor, visible: torch.Tensor | None,
         x = x * mask_at(visible, x.shape[2], x.shape[3]).to(x.dtype)
     for layer in layers:
         x = layer.dense(x)
-    if visible is not None:
+        if remask and visible is not None and layer.kind != "act":
+            x = x * mask_at(visible, x.shape[2], x.shape[3]).to(x.dtype)
+    if not remask and visible is not None:
         x = x * mask_at(visible, x.shape[2], x.shape[3]).to(x.dtype)
     return x
