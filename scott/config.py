@@ -182,6 +182,7 @@ SCHEMA: Mapping[str, Mapping[str, Field]] = {
         "keep_checkpoints": _pos_int(3),
         "log_every": _pos_int(10),
         "mixed_precision": Field("choice", "no", choices=("no", "fp16", "bf16")),
+        "deterministic": Field("bool", False),
         "monitor_every": _nonneg_int(0),
         "monitor_k": _pos_int(20),
         "output_dir": Field("str", None, nullable=True),

@@ -272,6 +272,10 @@ class PretrainRun:
         self.recipe = recipe
         self.run_dir = Path(output_dir)
         optim, train = recipe["optim"], recipe["train"]
+        if train["deterministic"]:
+            from scott.determinism import enable_deterministic
+
+            enable_deterministic()
         self.accum = int(optim["accum_steps"])
         if accelerator is None:
             accelerator = Accelerator(mixed_precision=train["mixed_precision"],

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from .layers import build_stack, layer_sizes
 
-__all__ = ["Tokenizer", "BACKENDS", "available_backends"]
+__all__ = ["Tokenizer", "BACKENDS", "available_backends", "choose_backend"]
 
 BACKENDS = ("dense", "tiles", "spconv")
 
@@ -50,6 +50,30 @@ def _to_pair(v) -> tuple[int, int] | None:
 
 
 MASKING_MODES = ("sparse", "leaky")
+#: Backends whose CUDA path is not bit-reproducible (spconv's implicit GEMM, ``index_add_``).
+NONDETERMINISTIC_ON_CUDA = ("spconv", "tiles")
+
+
+def choose_backend(requested: str, device_type: str, visible_fraction: float | None,
+                   deterministic: bool = False) -> str:
+    """The backend for one call: ``requested`` unless it is ``auto``.
+
+    ``auto``: ``dense`` for full images (``visible_fraction`` None) or mostly visible ones, else
+    ``spconv`` on CUDA (when installed) and ``tiles`` elsewhere. With torch's deterministic
+    algorithms on (``train.deterministic``) CUDA runs use ``dense``, and asking for a backend of
+    :data:`NONDETERMINISTIC_ON_CUDA` there is an error.
+    """
+    cuda_exact = deterministic and device_type == "cuda"
+    if requested != "auto":
+        if cuda_exact and requested in NONDETERMINISTIC_ON_CUDA:
+            raise RuntimeError(f"backend {requested!r} is not deterministic on CUDA; with train.deterministic "
+                               "use model.backend auto or dense")
+        return requested
+    if visible_fraction is None or visible_fraction > DENSE_ABOVE or cuda_exact:
+        return "dense"
+    if device_type == "cuda" and backend_available("spconv")[0]:
+        return "spconv"
+    return "tiles" if backend_available("tiles")[0] else "dense"
 
 
 class Tokenizer(nn.Module):
@@ -150,16 +174,10 @@ class Tokenizer(nn.Module):
 
     def pick_backend(self, images: torch.Tensor, visible: torch.Tensor | None) -> str:
         """The backend ``forward`` will use for these inputs (resolves ``auto``)."""
-        if self._backend != "auto":
-            return self._backend
-        if visible is None:
-            return "dense"
-        frac = float(visible.float().mean()) if visible.numel() else 0.0
-        if frac > DENSE_ABOVE:
-            return "dense"
-        if images.device.type == "cuda" and backend_available("spconv")[0]:
-            return "spconv"
-        return "tiles" if backend_available("tiles")[0] else "dense"
+        frac = None
+        if self._backend == "auto" and visible is not None:
+            frac = float(visible.float().mean()) if visible.numel() else 0.0
+        return choose_backend(self._backend, images.device.type, frac, torch.are_deterministic_algorithms_enabled())
 
     # ----------------------------------------------------------------------- forward
     def _check_size(self, h: int, w: int) -> None:
