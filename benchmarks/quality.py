@@ -55,7 +55,7 @@ PRETRAIN_ROWS = {
     "leaky": ["model.tokenizer_masking=leaky"],
     "pixel": ["objective.name=pixel"],
 }
-ALL_ROWS = [*PRETRAIN_ROWS, "supervised", "random_init", "pixels"]
+ALL_ROWS = [*PRETRAIN_ROWS, "random_init", "pixels", "supervised"]
 CALIBRATION_STEPS = 12
 FEW_LABEL_STEPS = 600  # supervised-from-scratch steps on 10 / 100 labels per class (it overfits long before)
 KNN_K = 20
@@ -387,6 +387,18 @@ def bar_chart_png(summary: dict, path: Path, title: str, cols) -> Path:
     return path
 
 
+def finished_ours_budgets(out: Path) -> list[float]:
+    """Pretraining + probe seconds of every finished seed of row ``ours`` under ``out``."""
+    budgets = []
+    for seed in range(1000):
+        folder = out / "ours" / f"seed{seed}"
+        if not (folder / "eval_record.json").is_file() or not (folder / "pretrain_record.json").is_file():
+            break
+        pre = json.loads((folder / "pretrain_record.json").read_text())
+        budgets.append(pre["train_wall_s"] + json.loads((folder / "eval_record.json").read_text())["probe_wall_s"])
+    return budgets
+
+
 def seeds_of(args, row: str) -> int:
     """``--row-seeds ROW:N`` for ``row``, else ``--seeds``."""
     for item in args.row_seeds:
@@ -432,13 +444,13 @@ def main(argv=None):
     log = console.log
     t_start = time.perf_counter()
     rows: dict[str, list[dict]] = {}
-    ours_budget = []
+    ours_budget = finished_ours_budgets(out)  # row "ours" of an earlier or parallel invocation
     for row in [r for r in ALL_ROWS if r in args.rows]:
         for seed in range(seeds_of(args, row)):
             if row in PRETRAIN_ROWS:
                 record = pretrain_row(args, row, seed, out, log)
                 record.update(evaluate_pretrained(args, row, seed, out, log))
-                if row == "ours":
+                if row == "ours" and seed >= len(ours_budget):
                     ours_budget.append(record["train_wall_s"] + record["probe_wall_s"])
             elif row == "supervised":
                 budget = (float(np.mean(ours_budget)) if ours_budget
