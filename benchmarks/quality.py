@@ -30,7 +30,7 @@ order, masks) of every trained row; floors use them too (random init draws new w
 
 Output: a rich table, ``OUT/quality.json`` (command, recipe, CPU, every number) and
 ``OUT/quality.png`` (bars with seed spread). Finished rows are kept: rerunning the same command
-continues where it stopped.
+continues where it stopped; ``--report-only`` tabulates what is finished without training.
 """
 from __future__ import annotations
 
@@ -96,6 +96,8 @@ def parse_args(argv=None):
                    help="override for one row (e.g. pixel:optim.lr=2e-4)")
     p.add_argument("--out", default=None, help="output folder [runs/quality/<recipe>-<regime>]")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train and evaluate nothing: tabulate the rows and seeds already finished in OUT")
     return p.parse_args(argv)
 
 
@@ -447,6 +449,8 @@ def main(argv=None):
     ours_budget = finished_ours_budgets(out)  # row "ours" of an earlier or parallel invocation
     for row in [r for r in ALL_ROWS if r in args.rows]:
         for seed in range(seeds_of(args, row)):
+            if args.report_only and not (out / row / f"seed{seed}" / "eval_record.json").is_file():
+                continue
             if row in PRETRAIN_ROWS:
                 record = pretrain_row(args, row, seed, out, log)
                 record.update(evaluate_pretrained(args, row, seed, out, log))
@@ -461,6 +465,8 @@ def main(argv=None):
             rows.setdefault(row, []).append(record)
             log(f"{row} seed {seed}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in record.items()
                                                    if is_percent(k) and isinstance(v, float)))
+    if not rows:
+        raise RecipeError(f"{out}: no finished rows to report")
     cols = columns(args.label_counts)
     summary = summarise(rows, cols)
     title = (f"{Path(args.recipe).name} [{regime_name(args)}], "
@@ -469,7 +475,7 @@ def main(argv=None):
     record = {
         "command": "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "recipe": args.recipe, "regime": regime_name(args), "budget_minutes": args.budget_minutes,
-        "steps": args.steps, "seeds": {r: seeds_of(args, r) for r in rows}, "label_counts": args.label_counts, "draws": args.draws,
+        "steps": args.steps, "seeds": {r: len(records) for r, records in rows.items()}, "label_counts": args.label_counts, "draws": args.draws,
         "cpu": cpu_model(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "n_pretrain_images": len(build_pretrain_dataset(base["data"])), "knn_k": KNN_K, "base_recipe": base,
         "summary": summary, "rows": rows, "total_wall_s": time.perf_counter() - t_start,

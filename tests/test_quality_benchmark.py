@@ -157,3 +157,20 @@ def test_two_step_benchmark_writes_table_json_and_png(tmp_path):
     proc2 = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": ""})
     assert proc2.returncode == 0 and "pretraining 2 steps" not in proc2.stdout
     assert json.loads((out / "quality.json").read_text())["summary"] == record["summary"]
+
+
+def test_report_only_tabulates_finished_rows_without_training(tmp_path):
+    out = tmp_path / "q"
+    base = [sys.executable, str(ROOT / "benchmarks/quality.py"), str(ROOT / "recipes/demo.yaml"), "--steps", "1",
+            "--subset", "60", "--label-counts", "2", "--draws", "1", "--out", str(out)] + \
+        sum((["--set", s] for s in TINY_SETS), [])
+    env = {"OMP_NUM_THREADS": "1", "PATH": ""}
+    empty = subprocess.run(base + ["--report-only"], capture_output=True, text=True, timeout=300, env=env)
+    assert empty.returncode == 2 and "no finished rows" in empty.stderr and "Traceback" not in empty.stderr
+    done = subprocess.run(base + ["--rows", "pixels"], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = subprocess.run(base + ["--report-only"], capture_output=True, text=True, timeout=300, env=env)
+    assert report.returncode == 0, report.stderr[-2000:]
+    record = json.loads((out / "quality.json").read_text())
+    assert list(record["summary"]) == ["pixels"] and record["seeds"] == {"pixels": 1}
+    assert not (out / "ours").exists()  # nothing was trained
