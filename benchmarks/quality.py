@@ -476,10 +476,10 @@ def main(argv=None):
     console.print(rich_table(summary, title, cols))
     record = {
         "command": "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-        "recipe": args.recipe, "regime": regime_name(args), "budget_minutes": args.budget_minutes,
+        "recipe_file": args.recipe, "recipe": base, "data": base["data"]["name"], "regime": regime_name(args), "budget_minutes": args.budget_minutes,
         "steps": args.steps, "seeds": {r: len(records) for r, records in rows.items()}, "label_counts": args.label_counts, "draws": args.draws,
         "cpu": cpu_model(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "n_pretrain_images": len(build_pretrain_dataset(base["data"])), "knn_k": KNN_K, "base_recipe": base,
+        "n_pretrain_images": len(build_pretrain_dataset(base["data"])), "knn_k": KNN_K,
         "summary": summary, "rows": rows, "total_wall_s": time.perf_counter() - t_start,
         "date": time.strftime("%Y-%m-%d"),
     }
