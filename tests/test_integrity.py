@@ -15,17 +15,11 @@ import torch
 from scott import checkpoint as ck
 from scott.config import run_cli
 from scott.train import CheckpointWriteError, pretrain
-from train_helpers import tiny_components, tiny_recipe
+from train_helpers import tiny_components, tiny_recipe, one_torch_thread  # noqa: F401 (autouse: 1 thread)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _run(recipe, out, resume=False):

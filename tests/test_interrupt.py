@@ -18,18 +18,12 @@ import torch
 from scott import checkpoint as ck
 from scott.interrupt import TrainingInterrupted
 from scott.train import pretrain
-from train_helpers import tiny_components, tiny_recipe
+from train_helpers import tiny_components, tiny_recipe, one_torch_thread  # noqa: F401 (autouse: 1 thread)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = dict(train={"max_steps": 8, "checkpoint_every": 3, "keep_checkpoints": 5})
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def components(recipe, signal_at_step=None, signals=()):

@@ -21,15 +21,9 @@ from scott.data import eval_transform_spec
 from scott.schedules import lr_at, momentum_at, wd_at
 from scott.train import (NonFiniteLossError, ProcessBatches, RunDirError, StepSampler,
                          pretrain)
-from train_helpers import tiny_components, tiny_recipe
+from train_helpers import tiny_components, tiny_recipe, one_torch_thread  # noqa: F401 (autouse: 1 thread)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _run(recipe, out, resume=False, **kw):

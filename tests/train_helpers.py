@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pytest
 import torch
 
 from scott.config import resolve_recipe
@@ -62,3 +63,12 @@ def tiny_components(recipe: dict, n: int = 32, dtype=torch.float32):
                       num_samples=n, mask_fn=lambda b, seed, step, shard: masks_for_step(
                           gen, b * recipe["objective"]["num_masks"], seed, step, shard),
                       eval_transform_spec=eval_transform_spec(model))
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Run a test module's tests with 1 torch thread (exact, comparable runs); import it to use it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
