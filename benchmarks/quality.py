@@ -276,7 +276,8 @@ def evaluate_supervised(args, seed: int, budget_s: float, out: Path, log) -> dic
     """Row 5: from scratch on all labels (given ``budget_s``), and on each label count."""
     from scott.data.datasets import LabeledSubset, split_train_val
     from scott.data.subsets import labels_per_class
-    from scott.eval.features import EvalView, encoder_in_chans, resolve_transform
+    from scott.data.transforms import eval_transform_spec, transform_from_spec
+    from scott.eval.features import EvalView
     from scott.eval.runs import dataset_labels, eval_datasets
     from scott.eval.supervised import build_classifier, seconds_per_step, supervised_from_scratch
 
@@ -289,9 +290,8 @@ def evaluate_supervised(args, seed: int, budget_s: float, out: Path, log) -> dic
     classes = int(labels.max()) + 1
     fit_idx, val_idx = split_train_val(labels, float(recipe["data"]["val_fraction"]), seed)
     probe = build_classifier(recipe, classes, seed)
-    fn, convert = resolve_transform(_with_spec(probe.encoder, recipe), None)
-    chans = encoder_in_chans(probe.encoder)
-    view = lambda ds: EvalView(ds, fn, chans, convert)  # noqa: E731
+    fn = transform_from_spec(eval_transform_spec(recipe["model"]))  # the recipe's evaluation transform
+    view = lambda ds: EvalView(ds, fn, int(recipe["model"]["in_chans"]), True)  # noqa: E731
     val, test_view = view(LabeledSubset(train, val_idx)), view(test)
     batch = int(recipe["optim"]["batch_size"])
     size, c = recipe["model"]["img_size"], recipe["model"]["in_chans"]
@@ -321,13 +321,6 @@ def evaluate_supervised(args, seed: int, budget_s: float, out: Path, log) -> dic
     result_file.parent.mkdir(parents=True, exist_ok=True)
     result_file.write_text(json.dumps(result, indent=1))
     return result
-
-
-def _with_spec(encoder, recipe):
-    from scott.data.transforms import eval_transform_spec
-
-    encoder.eval_transform_spec = eval_transform_spec(recipe["model"])
-    return encoder
 
 
 # ----------------------------------------------------------------------------- report

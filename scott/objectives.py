@@ -202,7 +202,7 @@ class _MaskedPrediction(nn.Module):
             else:  # another crop of each image (objective.global_view: crop)
                 with torch.no_grad():
                     global_target = self.targets(images_global, images_global).float().mean(1)
-                global_target = global_target.repeat_interleave(m, dim=0) if m > 1 else global_target
+                global_target = global_target.repeat_interleave(m, dim=0)
             global_target = F.layer_norm(global_target, global_target.shape[-1:])
             ones = torch.ones(pooled.shape[0], 1, dtype=torch.bool, device=pooled.device)
             global_loss = masked_loss(pooled.unsqueeze(1), global_target.unsqueeze(1), ones, self.loss_kind)
