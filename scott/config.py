@@ -160,6 +160,11 @@ SCHEMA: Mapping[str, Mapping[str, Field]] = {
         "global_weight": _nonneg_float(0.0),
         "center_targets": Field("bool", False),
         "global_view": Field("choice", "same", choices=("same", "crop")),
+        "dino_weight": _nonneg_float(0.0),
+        "dino_prototypes": _pos_int(256),
+        "dino_student_temp": _pos_float(0.1),
+        "dino_teacher_temp": _pos_float(0.04),
+        "dino_center_momentum": Field("float", 0.9, low=0.0, high=1.0, high_open=True),
     },
     "optim": {
         "lr": _pos_float(5e-4),
@@ -637,6 +642,11 @@ def _check_cross_fields(recipe: dict, source: str) -> None:
         raise RecipeError(
             f"{source}: objective.global_weight: the global term regresses MIM-JEPA's target tokens; "
             f"objective.name {objective['name']!r} has none (set it to 0)"
+        )
+    if objective["dino_weight"] > 0 and objective["name"] != "mimjepa":
+        raise RecipeError(
+            f"{source}: objective.dino_weight: self-distillation uses MIM-JEPA's EMA target encoder "
+            f"as its teacher; objective.name {objective['name']!r} has none (set it to 0)"
         )
     if objective["target_layers"] > model["depth"]:
         raise RecipeError(

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .ema import update_ema
+from .self_distillation import SelfDistillation
 from .masks import MaskBatch
 from .models import build_encoder, build_predictor
 from .models.encoder import CONTEXT_MODES
@@ -106,6 +107,7 @@ class _MaskedPrediction(nn.Module):
         if self.num_masks < 1:
             raise ValueError(f"objective.num_masks must be >= 1, got {self.num_masks}")
         self.global_weight = float(objective_cfg.get("global_weight", 0.0))
+        self.global_view = objective_cfg.get("global_view", "same")
         self.model_cfg = dict(model_cfg)
         self.context_encoder = build_encoder(model_cfg)
         self.predictor = build_predictor(model_cfg, self.context_encoder.grid_size, out_dim=predictor_out)
@@ -117,11 +119,23 @@ class _MaskedPrediction(nn.Module):
         if self.global_head is not None:
             nn.init.trunc_normal_(self.global_head.weight, std=0.02)
             nn.init.zeros_(self.global_head.bias)
+        # DINO-style cross-view self-distillation of the pooled tokens (MIM-JEPA only; built only
+        # when used, so other recipes keep their exact state dict)
+        self.dino_weight = float(objective_cfg.get("dino_weight", 0.0))
+        self.distill = None
+        if self.dino_weight > 0:
+            self.distill = SelfDistillation(
+                self.context_encoder.embed_dim, int(objective_cfg.get("dino_prototypes", 256)),
+                float(objective_cfg.get("dino_student_temp", 0.1)),
+                float(objective_cfg.get("dino_teacher_temp", 0.04)),
+                float(objective_cfg.get("dino_center_momentum", 0.9)))
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         modules = {"context_encoder": self.context_encoder, "predictor": self.predictor}
         if self.global_head is not None:
             modules["global_head"] = self.global_head
+        if self.distill is not None:
+            modules["dino_head"] = self.distill.head
         return modules
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -132,7 +146,7 @@ class _MaskedPrediction(nn.Module):
         return param_groups(self.trainable_modules(), weight_decay)
 
     def update_target(self, momentum: float) -> None:
-        """EMA update of the target encoder (no-op for objectives without one)."""
+        """EMA update of the target encoder and the teacher head (no-op for objectives without one)."""
 
     def export_encoder(self) -> nn.Module:
         """The encoder to save for evaluation."""
@@ -140,12 +154,11 @@ class _MaskedPrediction(nn.Module):
 
     def predict(self, images_ctx: torch.Tensor, masks: MaskBatch):
         """``(predictions [B, Q, out], query_positions [B, Q] | None, weight [B, Q] bool,
-        pooled [B, out] | None)``.
+        context_mean [B, D])``.
 
         ``all`` mode predicts every position (``query_positions=None``, Q = N); ``visible`` mode
         predicts every non-visible position. ``weight`` marks the target patches among the queries.
-        ``pooled`` is the global head's prediction from the mean of the visible context tokens
-        (``None`` without ``objective.global_weight``).
+        ``context_mean`` is the mean of the visible context tokens (the global terms' input).
         """
         visible = masks.visible
         b = visible.shape[0]
@@ -154,14 +167,11 @@ class _MaskedPrediction(nn.Module):
             ctx = self.context_encoder(images_ctx, visible, context_tokens="all")
             keep = visible.reshape(b, -1, 1).to(ctx.dtype)
             mean = (ctx * keep).sum(1) / keep.sum(1).clamp(min=1)
-            return self.predictor(ctx), None, target_flat, self._pooled(mean)
+            return self.predictor(ctx), None, target_flat, mean
         ctx, ctx_pos = self.context_encoder(images_ctx, visible, context_tokens="visible", return_positions=True)
         query_pos = _indices(~visible.reshape(b, -1))
         pred = self.predictor(ctx, ctx_pos, query_pos)
-        return pred, query_pos, target_flat.gather(1, query_pos), self._pooled(ctx.mean(1))
-
-    def _pooled(self, mean_tokens: torch.Tensor) -> torch.Tensor | None:
-        return None if self.global_head is None else self.global_head(mean_tokens)
+        return pred, query_pos, target_flat.gather(1, query_pos), ctx.mean(1)
 
     @staticmethod
     def _select(tokens: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
@@ -176,12 +186,14 @@ class _MaskedPrediction(nn.Module):
                 images_global: torch.Tensor | None = None):
         """``(loss, stats)`` for a batch; ``masks`` is a :class:`MaskBatch` or a visible tensor.
 
-        ``images_global`` (optional) is a third view of each image whose mean target token the
-        global head regresses instead of the same view's (``objective.global_view: crop``).
+        ``images_global`` (optional) is a third view of each image (another crop): its mean
+        target token is what the global head regresses (``objective.global_view: crop``) and what
+        the self-distillation teacher sees (``objective.dino_weight``, required there).
 
         ``stats`` holds detached scalars: ``loss``, ``num_visible`` and ``num_target`` (patches
         per image), ``pred_std`` / ``target_std`` (mean per-channel std over all predicted
-        tokens; a collapsing representation drives ``target_std`` to 0) and ``target_abs``.
+        tokens; a collapsing representation drives ``target_std`` to 0), ``target_abs`` and,
+        with self-distillation, ``dino_loss``.
         """
         masks = _as_masks(masks)
         b, m = images_ctx.shape[0], self.num_masks
@@ -193,20 +205,30 @@ class _MaskedPrediction(nn.Module):
         if m > 1:  # several context masks per image share that one target pass (data2vec 2.0)
             images_ctx = images_ctx.repeat_interleave(m, dim=0)
             full_target = full_target.repeat_interleave(m, dim=0)
-        pred, query_pos, weight, pooled = self.predict(images_ctx, masks)
+        pred, query_pos, weight, ctx_mean = self.predict(images_ctx, masks)
         target = self._select(full_target, query_pos)
         loss = masked_loss(pred, target, weight, self.loss_kind)
-        if pooled is not None:
-            if images_global is None:  # the same view's target tokens
-                global_target = full_target.float().mean(1)
-            else:  # another crop of each image (objective.global_view: crop)
+        extra_stats = {}
+        if self.global_head is not None or self.distill is not None:
+            other_view = None  # the target encoder's tokens of the third view, computed once
+            if images_global is not None:
                 with torch.no_grad():
-                    global_target = self.targets(images_global, images_global).float().mean(1)
-                global_target = global_target.repeat_interleave(m, dim=0)
-            global_target = F.layer_norm(global_target, global_target.shape[-1:])
-            ones = torch.ones(pooled.shape[0], 1, dtype=torch.bool, device=pooled.device)
-            global_loss = masked_loss(pooled.unsqueeze(1), global_target.unsqueeze(1), ones, self.loss_kind)
-            loss = loss + self.global_weight * global_loss
+                    other_view = self.targets(images_global, images_global).float()
+                other_view = other_view.repeat_interleave(m, dim=0)
+            if self.global_head is not None:
+                cross = self.global_view == "crop" and other_view is not None
+                global_target = (other_view if cross else full_target).float().mean(1)
+                global_target = F.layer_norm(global_target, global_target.shape[-1:])
+                pooled = self.global_head(ctx_mean)
+                ones = torch.ones(pooled.shape[0], 1, dtype=torch.bool, device=pooled.device)
+                global_loss = masked_loss(pooled.unsqueeze(1), global_target.unsqueeze(1), ones, self.loss_kind)
+                loss = loss + self.global_weight * global_loss
+            if self.distill is not None:
+                if other_view is None:
+                    raise ValueError("objective.dino_weight needs a third view (another crop) of each image")
+                dino = self.distill(ctx_mean, other_view.mean(1))
+                loss = loss + self.dino_weight * dino
+                extra_stats["dino_loss"] = dino.detach()
         with torch.no_grad():
             sel = weight.unsqueeze(-1)
             stats = {
@@ -216,6 +238,7 @@ class _MaskedPrediction(nn.Module):
                 "pred_std": pred.float().flatten(0, 1).std(dim=0).mean(),
                 "target_std": target.float().flatten(0, 1).std(dim=0).mean(),
                 "target_abs": (target.float().abs() * sel).sum() / (sel.sum() * target.shape[-1]).clamp(min=1),
+                **extra_stats,
             }
         return loss, stats
 
@@ -268,6 +291,8 @@ class MIMJEPA(_MaskedPrediction):
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:
         update_ema(self.target_encoder, self.context_encoder, momentum)
+        if self.distill is not None:
+            self.distill.update_teacher(momentum)
 
     def export_encoder(self) -> nn.Module:
         return self.target_encoder

@@ -182,7 +182,8 @@ class TwoViewTransform:
     """PIL image + generator -> (context view, target view), normalised tensors [C, S, S].
 
     With ``extra_view`` a third view follows: another crop of the same image with its own flip
-    and colours (the cross-view global target of ``objective.global_view: crop``).
+    and colours (the cross-view global target of ``objective.global_view: crop`` and the
+    self-distillation teacher's view of ``objective.dino_weight``).
     """
 
     def __init__(self, img_size: int, in_chans: int, crop_scale=(0.2, 1.0), augment: str = "paper",
@@ -253,8 +254,14 @@ def build_pretrain_transform(recipe: dict) -> TwoViewTransform:
     return TwoViewTransform(
         model["img_size"], model["in_chans"], recipe["data"]["crop_scale"], recipe["data"]["augment"],
         recipe["objective"]["target_view"], spec["mean"], spec["std"],
-        extra_view=recipe["objective"]["global_weight"] > 0 and recipe["objective"]["global_view"] == "crop",
+        extra_view=needs_extra_view(recipe["objective"]),
     )
+
+
+def needs_extra_view(objective: dict) -> bool:
+    """Whether the objective section asks for a third view (another crop) of each image."""
+    return ((objective["global_weight"] > 0 and objective["global_view"] == "crop")
+            or objective["dino_weight"] > 0)
 
 
 def view_seed(seed: int, epoch: int, index: int) -> int:
