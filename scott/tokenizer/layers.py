@@ -75,7 +75,8 @@ class Conv(nn.Conv2d):
 
 
 class Act(nn.Module):
-    """Element-wise activation with f(0) == 0 (relu or gelu), so masked zeros stay zero."""
+    """Element-wise activation with f(0) == 0 (relu or gelu), so masked zeros stay zero.
+    ``dense`` is element-wise, so backends apply it to activations of any layout."""
 
     kind = "act"
 
@@ -128,11 +129,14 @@ class Blur(nn.Module):
         taps = torch.tensor([1.0, 2.0, 1.0])
         self.register_buffer("taps", taps / taps.sum(), persistent=False)
 
+    def kernel(self, channels: int, dtype: torch.dtype) -> torch.Tensor:
+        """The depthwise ``[channels, 1, 3, 3]`` filter (an expanded view), shared by backends."""
+        t = self.taps.to(dtype)
+        return (t[:, None] * t[None, :]).expand(channels, 1, 3, 3)
+
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         c = x.shape[1]
-        t = self.taps.to(x.dtype)
-        kernel = (t[:, None] * t[None, :]).expand(c, 1, 3, 3)
-        return F.conv2d(x, kernel, None, self.s, 1, 1, c)
+        return F.conv2d(x, self.kernel(c, x.dtype), None, self.s, 1, 1, c)
 
     def out_size(self, h: int, w: int) -> tuple[int, int]:
         return (h - 1) // self.s + 1, (w - 1) // self.s + 1

@@ -32,6 +32,9 @@ class TileGrid:
         self._lut = lut.view(self.batch, self.gh, self.gw)
         self._pairs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._table: dict[tuple[int, int], torch.Tensor] = {}
+        #: index plans the ops build from this grid (e.g. halo gathers), kept for its lifetime
+        #: so that a forward and its backward share them
+        self.memo: dict = {}
 
     def neighbour(self, dy: int, dx: int) -> torch.Tensor:
         """``[Nv]`` index of each tile's neighbour in direction ``(dy, dx)``, ``-1`` if none."""

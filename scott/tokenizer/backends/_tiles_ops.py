@@ -3,73 +3,235 @@
 Within a visible tile every site is visible, so no re-masking is ever needed: the only place the
 mask acts is the halo, which is copied from VISIBLE neighbours and left at zero elsewhere.
 Everything is differentiable torch code except two hand-written autograd functions:
-:class:`HaloPad` (halo gather; its backward is the adjoint scatter-add) and :class:`PiecesConv`
-(the submanifold conv as GEMM pieces), both tested in ``tests/test_tiles_internals.py``.
-Max-pool and blur run the same native kernels as the dense reference on halo-padded tiles.
+:class:`HaloPad` (THE halo gather, :func:`pad_tiles`; its backward is the adjoint scatter-add)
+and :class:`PiecesConv` (the submanifold conv as GEMM pieces), both tested in
+``tests/test_tiles_internals.py`` and ``tests/test_tiles_ops.py``. Both keep the tensors their
+backward needs through ``ctx.save_for_backward`` (version checks, saved-tensor hooks, freed
+after backward); only plain Python values (ints, slices, the pieces' geometry) live on ``ctx``.
+Max-pool and blur run the same native kernels as the dense reference on halo-padded tiles; the
+blur's taps come from the :class:`~scott.tokenizer.layers.Blur` module itself.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ._tiles_grid import TileGrid, span
 
-__all__ = ["pad_tiles", "halo_pad", "halo_unpad", "HaloPad", "conv_im2col", "conv_from_image",
-           "maxpool_tiles", "blur", "PiecesConv", "gemm",
-           "conv_pieces", "pieces_plan", "tiles_to_grid"]
+__all__ = ["pad_tiles", "halo_pad", "halo_unpad", "halo_plan", "HaloPad", "conv_im2col",
+           "conv_from_image", "maxpool_tiles", "blur", "PiecesConv", "gemm", "gemm_path",
+           "forced_gemm_path", "onednn_gemm_agrees", "conv_pieces", "pieces_plan", "tiles_to_grid"]
 
 
-@functools.cache
-def _onednn_linear_works() -> bool:
-    """Whether oneDNN's fp32 linear kernel is usable here (a capability probe, run once).
+# --------------------------------------------------------------------------- GEMM
+#
+# ``torch.mm`` is the reference. oneDNN's fp32 linear kernel (``torch.ops.mkldnn._linear_pointwise``,
+# a PRIVATE op) runs GEMMs with AVX-512 where MKL's sgemm may not (on the AMD EPYC development
+# machine ~2x faster; on Intel CPUs about equal). It is used only when a probe, run once per
+# process, finds that it exists and gives torch.mm's numbers on the operand layouts used here,
+# so a torch upgrade that changes or removes it falls back to torch.mm instead of breaking.
 
-    On x86 CPUs it runs GEMMs with AVX-512 where MKL's sgemm may not (e.g. on AMD CPUs it is
-    ~2x faster, the same kernels the dense backend's oneDNN convolutions use). Full fp32."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        a = torch.ones(2, 3)
-        out = torch.ops.mkldnn._linear_pointwise(a, torch.ones(4, 3), None, "none", [], "")
-        return bool(torch.equal(out, torch.full((2, 4), 3.0)))
-    except Exception:  # noqa: BLE001 - any failure means: not available
-        return False
+GEMM_PATHS = ("mm", "onednn")
+_forced_path: str | None = None
 
 
-def gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` for 2-D tensors (either may be a transposed view), exact to fp rounding;
-    float32 CPU GEMMs go through oneDNN when it works (faster than BLAS on some CPUs)."""
-    if a.dtype == torch.float32 and a.device.type == "cpu" and _onednn_linear_works():
-        # oneDNN is fast on dense or transposed-dense operands; others are copied first
-        return torch.ops.mkldnn._linear_pointwise(_dense2d(a), _dense2d(b.t()), None, "none", [], "")
-    return torch.mm(a, b)
+def _onednn_linear(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``a @ w.t()`` with oneDNN's fp32 linear (private op: only behind the probe)."""
+    return torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
 
 
 def _dense2d(m: torch.Tensor) -> torch.Tensor:
     return m if (m.is_contiguous() or m.t().is_contiguous()) else m.contiguous()
 
 
+def _onednn_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # oneDNN is fast on dense or transposed-dense operands; others are copied first
+    return _onednn_linear(_dense2d(a), _dense2d(b.t()))
+
+
+def _layouts(a: torch.Tensor, b: torch.Tensor):
+    """``(a, b)`` in every layout :func:`gemm` meets: dense, and either one a transposed view."""
+    return ((a, b), (a.t().contiguous().t(), b), (a, b.t().contiguous().t()))
+
+
+@functools.cache
+def onednn_gemm_agrees() -> bool:
+    """Whether the private oneDNN linear op exists here AND gives ``torch.mm``'s numbers (run once).
+
+    Two checks on every operand layout :func:`gemm` passes it: integer-valued operands, where
+    every product and partial sum is exact in fp32 so any correct GEMM must return torch.mm's
+    very bits; and random operands, where both must stay within fp32's error bound of the
+    float64 product (rejects reduced-precision internals such as bf16 or TF32)."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        gen = torch.Generator().manual_seed(0)
+        ints = (torch.randint(-8, 9, (67, 45), generator=gen).float(),
+                torch.randint(-8, 9, (45, 33), generator=gen).float())
+        rand = (torch.randn(130, 300, generator=gen), torch.randn(300, 70, generator=gen))
+        for a, b in _layouts(*ints):
+            got = _onednn_mm(a, b)
+            if (got.dtype != torch.float32 or not got.is_contiguous()
+                    or not torch.equal(got, torch.mm(a, b))):
+                return False
+        for a, b in _layouts(*rand):
+            got, ref = _onednn_mm(a, b), torch.mm(a.double(), b.double())
+            bound = a.shape[1] * torch.finfo(torch.float32).eps * torch.mm(a.abs(), b.abs()).double()
+            for out in (got, torch.mm(a, b)):
+                if out.shape != ref.shape or not bool(((out.double() - ref).abs() <= bound).all()):
+                    return False
+        return True
+    except Exception:  # noqa: BLE001 - missing, renamed or failing op: not usable
+        return False
+
+
+def gemm_path() -> str:
+    """The GEMM path float32 CPU GEMMs take: ``"onednn"`` when :func:`onednn_gemm_agrees`, else
+    ``"mm"`` (or the one forced by :func:`forced_gemm_path`)."""
+    if _forced_path is not None:
+        return _forced_path
+    return "onednn" if onednn_gemm_agrees() else "mm"
+
+
+@contextlib.contextmanager
+def forced_gemm_path(path: str):
+    """Force one GEMM path inside the block (for tests and benchmarks)."""
+    global _forced_path
+    if path not in GEMM_PATHS:
+        raise ValueError(f"GEMM path must be one of {GEMM_PATHS}, got {path!r}")
+    if path == "onednn" and not onednn_gemm_agrees():
+        raise RuntimeError("oneDNN's linear op is unavailable or disagrees with torch.mm here")
+    previous, _forced_path = _forced_path, path
+    try:
+        yield
+    finally:
+        _forced_path = previous
+
+
+def gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for 2-D tensors (either may be a transposed view), exact to fp rounding;
+    float32 CPU GEMMs take :func:`gemm_path`, everything else ``torch.mm``."""
+    if a.dtype == torch.float32 and a.device.type == "cpu" and gemm_path() == "onednn":
+        return _onednn_mm(a, b)
+    return torch.mm(a, b)
+
+
+# --------------------------------------------------------------------------- halo gather
+
 def _directions(before: int, after: int, t: int) -> range:
     return range(-math.ceil(before / t), math.ceil(after / t) + 1)
 
 
-def pad_tiles(x: torch.Tensor, grid: TileGrid, before: int, after: int) -> torch.Tensor:
-    """Tiles ``[Nv, t, t, C]`` -> ``[Nv, t+before+after, ...]`` with halos from visible neighbours."""
-    n, t, _, c = x.shape
-    if before == 0 and after == 0:
-        return x
+class HaloPlan(NamedTuple):
+    """Index plan of one halo gather of ``t x t`` tiles into ``size x size`` padded tiles.
+
+    ``centre``: where a tile's own sites go; ``blank``: halo regions some tile has no visible
+    neighbour for (zeroed in every tile before the copy); ``dst`` / ``src``: flat rows of the
+    padded ``[Nv * size * size, C]`` and tile ``[Nv * t * t, C]`` views, every direction's
+    visible pairs concatenated (one gather, one copy)."""
+
+    t: int
+    size: int
+    centre: tuple[slice, slice]
+    blank: tuple[tuple[slice, slice], ...]
+    dst: torch.Tensor
+    src: torch.Tensor
+
+
+def halo_plan(grid: TileGrid, t: int, before: int, after: int) -> HaloPlan:
+    """The :class:`HaloPlan` of ``grid`` for one tile size and halo (built once per grid)."""
+    key = ("halo", t, before, after)
+    plan = grid.memo.get(key)
+    if plan is None:
+        plan = grid.memo[key] = _build_halo_plan(grid, t, before, after)
+    return plan
+
+
+def _build_halo_plan(grid: TileGrid, t: int, before: int, after: int) -> HaloPlan:
     size = t + before + after
-    out = x.new_zeros(n, size, size, c)
+    dev = grid.visible.device
+    centre_region, blank, dst, src = None, [], [], []
     for dy, dx, pr, pc, nr, nc in _halo_regions(t, before, after):
         if dy == 0 and dx == 0:
-            out[:, pr, pc] = x
+            centre_region = (pr, pc)
             continue
         centre, nb = grid.pairs(dy, dx)
+        if centre.numel() < grid.count:
+            blank.append((pr, pc))
         if centre.numel():
-            out[centre, pr, pc] = x[nb, nr, nc]
+            dst.append(_flat_rows(centre, _rect(pr, pc, size, dev), size * size))
+            src.append(_flat_rows(nb, _rect(nr, nc, t, dev), t * t))
+
+    def cat(parts):
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long, device=dev)
+
+    return HaloPlan(t, size, centre_region, tuple(blank), cat(dst), cat(src))
+
+
+def _gather(x: torch.Tensor, plan: HaloPlan, dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    x = x.contiguous()
+    n, c = x.shape[0], x.shape[-1]
+    out = x.new_empty(n, plan.size, plan.size, c)
+    out[:, plan.centre[0], plan.centre[1]] = x
+    for rows, cols in plan.blank:
+        out[:, rows, cols] = 0
+    if dst.numel():
+        out.view(-1, c).index_copy_(0, dst, x.view(-1, c).index_select(0, src))
     return out
+
+
+def _scatter(gp: torch.Tensor, plan: HaloPlan, dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    c = gp.shape[-1]
+    gx = gp[:, plan.centre[0], plan.centre[1]].clone(memory_format=torch.contiguous_format)
+    if dst.numel():
+        gx.view(-1, c).index_add_(0, src, gp.reshape(-1, c).index_select(0, dst))
+    return gx
+
+
+def halo_pad(x: torch.Tensor, grid: TileGrid, before: int, after: int) -> torch.Tensor:
+    """Tiles ``[Nv, t, t, C]`` -> ``[Nv, t+before+after, ...]`` with halos from visible
+    neighbours (zeros elsewhere), without autograd; :func:`pad_tiles` is its differentiable form.
+
+    Halo strips are moved with one flat row gather/copy (``index_select`` / ``index_copy_`` on
+    ``[pixels, C]`` views), several times faster than advanced indexing of strided views."""
+    plan = halo_plan(grid, x.shape[1], before, after)
+    return _gather(x, plan, plan.dst, plan.src)
+
+
+def halo_unpad(gp: torch.Tensor, grid: TileGrid, before: int, after: int, t: int) -> torch.Tensor:
+    """Adjoint of :func:`halo_pad`: gradient of padded tiles -> gradient of the tiles."""
+    plan = halo_plan(grid, t, before, after)
+    return _scatter(gp, plan, plan.dst, plan.src)
+
+
+class HaloPad(torch.autograd.Function):
+    """Differentiable :func:`halo_pad`: ``[Nv, t, t, C] -> [Nv, t+before+after, ..., C]``."""
+
+    @staticmethod
+    def forward(ctx, x, grid, before, after):
+        plan = halo_plan(grid, x.shape[1], before, after)
+        ctx.save_for_backward(plan.dst, plan.src)
+        ctx.plan = plan._replace(dst=None, src=None)  # geometry only: ints and slices
+        return _gather(x, plan, plan.dst, plan.src)
+
+    @staticmethod
+    def backward(ctx, g):
+        dst, src = ctx.saved_tensors
+        return _scatter(g.contiguous(), ctx.plan, dst, src), None, None, None
+
+
+def pad_tiles(x: torch.Tensor, grid: TileGrid, before: int, after: int) -> torch.Tensor:
+    """The halo gather (differentiable): tiles ``[Nv, t, t, C]`` -> ``[Nv, t+before+after, ...]``
+    with halos from visible neighbours and zeros elsewhere."""
+    if before == 0 and after == 0:
+        return x
+    return HaloPad.apply(x, grid, before, after)
 
 
 def conv_im2col(xp: torch.Tensor, conv) -> torch.Tensor:
@@ -158,63 +320,6 @@ def _flat_rows(tiles: torch.Tensor, pixels: torch.Tensor, tile_pixels: int) -> t
     return (tiles[:, None] * tile_pixels + pixels[None, :]).reshape(-1)
 
 
-def halo_pad(x: torch.Tensor, grid: TileGrid, before: int, after: int) -> torch.Tensor:
-    """Non-differentiable :func:`pad_tiles` (used inside the hand-written autograd functions).
-
-    Halo strips are moved with flat row gathers/scatters (``index_select`` / ``index_copy_``
-    on ``[pixels, C]`` views), several times faster than advanced indexing of strided views."""
-    x = x.contiguous()
-    n, t, _, c = x.shape
-    size = t + before + after
-    out = x.new_empty(n, size, size, c)
-    src, dst = x.view(-1, c), out.view(-1, c)
-    for dy, dx, pr, pc, nr, nc in _halo_regions(t, before, after):
-        if dy == 0 and dx == 0:
-            out[:, pr, pc] = x
-            continue
-        centre, nb = grid.pairs(dy, dx)
-        if centre.numel() < n:
-            out[:, pr, pc] = 0
-        if centre.numel():
-            rows = _flat_rows(nb, _rect(nr, nc, t, x.device), t * t)
-            dst.index_copy_(0, _flat_rows(centre, _rect(pr, pc, size, x.device), size * size),
-                            src.index_select(0, rows))
-    return out
-
-
-def halo_unpad(gp: torch.Tensor, grid: TileGrid, before: int, after: int, t: int) -> torch.Tensor:
-    """Adjoint of :func:`halo_pad`: gradient of padded tiles -> gradient of the tiles."""
-    n, size, _, c = gp.shape
-    regions = _halo_regions(t, before, after)
-    gx = None
-    for dy, dx, pr, pc, nr, nc in regions:
-        if dy == 0 and dx == 0:
-            gx = gp[:, pr, pc].clone(memory_format=torch.contiguous_format)
-    src, dst = gp.reshape(-1, c), gx.view(-1, c)
-    for dy, dx, pr, pc, nr, nc in regions:
-        if dy == 0 and dx == 0:
-            continue
-        centre, nb = grid.pairs(dy, dx)
-        if centre.numel():
-            rows = _flat_rows(centre, _rect(pr, pc, size, gp.device), size * size)
-            dst.index_add_(0, _flat_rows(nb, _rect(nr, nc, t, gp.device), t * t),
-                           src.index_select(0, rows))
-    return gx
-
-
-class HaloPad(torch.autograd.Function):
-    """Differentiable :func:`halo_pad`: ``[Nv, t, t, C] -> [Nv, t+before+after, ..., C]``."""
-
-    @staticmethod
-    def forward(ctx, x, grid, before, after):
-        ctx.grid, ctx.before, ctx.after, ctx.t = grid, before, after, x.shape[1]
-        return halo_pad(x, grid, before, after)
-
-    @staticmethod
-    def backward(ctx, g):
-        return halo_unpad(g.contiguous(), ctx.grid, ctx.before, ctx.after, ctx.t), None, None, None
-
-
 def _nchw(x: torch.Tensor) -> torch.Tensor:
     """``[N, H, W, C]`` tiles as an NCHW tensor in channels-last memory (a view)."""
     return x.permute(0, 3, 1, 2)
@@ -227,18 +332,17 @@ def _nhwc(x: torch.Tensor) -> torch.Tensor:
 def maxpool_tiles(x: torch.Tensor, grid: TileGrid, padded: bool = False) -> torch.Tensor:
     """Max-pool k2 s1 (zero pad after) of tiles, the same kernel as the dense reference (so ties
     resolve identically). ``padded``: ``x`` already carries its one-site halo after."""
-    xp = x if padded else HaloPad.apply(x, grid, 0, 1)
+    xp = x if padded else pad_tiles(x, grid, 0, 1)
     return _nhwc(F.max_pool2d(_nchw(xp), 2, 1))
 
 
-def blur(x: torch.Tensor, grid: TileGrid, stride: int) -> torch.Tensor:
-    """Binomial 3x3 blur (zero pad 1, stride 1 or 2) of tiles, as a depthwise conv."""
-    c = x.shape[-1]
-    after = 0 if stride == 2 else 1
-    taps = torch.tensor([1.0, 2.0, 1.0], dtype=x.dtype, device=x.device) / 4
-    kernel = (taps[:, None] * taps[None, :]).expand(c, 1, 3, 3).contiguous()
-    xp = HaloPad.apply(x, grid, 1, after)
-    return _nhwc(F.conv2d(_nchw(xp), kernel, None, stride, 0, 1, c))
+def blur(x: torch.Tensor, grid: TileGrid, layer) -> torch.Tensor:
+    """``layer`` (a :class:`~scott.tokenizer.layers.Blur`: its taps, zero pad 1, stride 1 or 2)
+    on tiles, as the same depthwise conv as its dense form."""
+    after = 0 if layer.s == 2 else 1
+    kernel = layer.kernel(x.shape[-1], x.dtype).contiguous()
+    xp = pad_tiles(x, grid, 1, after)
+    return _nhwc(F.conv2d(_nchw(xp), kernel, None, layer.s, 0, 1, x.shape[-1]))
 
 
 def tiles_to_grid(x: torch.Tensor, grid: TileGrid) -> torch.Tensor:
@@ -317,7 +421,7 @@ class PiecesConv(torch.autograd.Function):
     """Submanifold conv of tiles as GEMM pieces: each neighbour direction contributes only the
     taps that land in it, and only for tiles whose neighbour there is visible (masked
     neighbours' zeros are skipped, not multiplied). Inputs are gathered and partial sums
-    scattered with flat row indices (``[pixels, C]`` views)."""
+    scattered with flat row indices (``[pixels, C]`` views). Once differentiable."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, grid, plan):
@@ -346,7 +450,7 @@ class PiecesConv(torch.autograd.Function):
                 dst = _flat_rows(centre, _rect(pc.out_rows, pc.out_cols, to, dev), to * to)
                 a = xrows.index_select(0, src).view(nb.numel(), -1)
             wp = _piece_weight(wk, pc)
-            pieces.append((pc, src, dst, a, wp))
+            pieces.append((pc, src, dst, None if whole else a, wp))  # whole: ``a`` is x itself
             if whole:
                 y = gemm(a, wp.t()).view(n, to, to, d)
         if y is None:
@@ -357,23 +461,29 @@ class PiecesConv(torch.autograd.Function):
                 yrows.index_add_(0, dst, gemm(a, wp.t()).view(-1, d))
         if bias is not None:
             y += bias
-        ctx.save_for_backward(weight)
-        ctx.has_bias, ctx.xshape, ctx.pieces = bias is not None, x.shape, pieces
+        # every tensor through save_for_backward (x and the weight themselves, so their version
+        # counters are checked); ``ctx`` keeps plain values only
+        ctx.save_for_backward(x, weight, *(v for _, *tensors in pieces for v in tensors))
+        ctx.geometry = [pc for pc, *_ in pieces]
+        ctx.has_bias = bias is not None
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gy):
-        (weight,) = ctx.saved_tensors
-        n, t, _, c = ctx.xshape
+        x, weight, *flat = ctx.saved_tensors
+        pieces = [(pc, *flat[4 * i:4 * i + 4]) for i, pc in enumerate(ctx.geometry)]
+        n, t, _, c = x.shape
         d = weight.shape[0]
         gy = gy.contiguous()
         gyrows = gy.view(-1, d)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gx = None
         gwk = weight.new_zeros(d, weight.shape[2], weight.shape[3], c) if need_w else None
-        order = sorted(ctx.pieces, key=lambda p: p[2] is not None)  # the whole-tile piece first
+        order = sorted(pieces, key=lambda p: p[2] is not None)  # the whole-tile piece first
         for pc, src, dst, a, wp in order:
             if dst is None:
+                a = x.view(n, -1)
                 g = gy.view(n, -1)
             else:
                 g = gyrows.index_select(0, dst).view(a.shape[0], -1)

@@ -14,10 +14,12 @@ Per layer:
 * a conv whose input tiles are small next to its kernel (e.g. SCOTT's 64 -> 384 7x7 stride-2
   conv on 4x4 tiles, ~90 % of the work): GEMM pieces, one per neighbour direction and tap
   block, computed only for tiles whose neighbour there is visible (true submanifold work:
-  masked neighbours' zeros are skipped, not multiplied); float32 GEMMs run on oneDNN;
+  masked neighbours' zeros are skipped, not multiplied); float32 GEMMs run on oneDNN's linear
+  kernel when a once-per-process probe finds it present and equal to ``torch.mm``, else on
+  ``torch.mm`` (:func:`~scott.tokenizer.backends._tiles_ops.gemm_path`);
 * any other conv: halo-padded tiles, im2col, one GEMM;
-* max-pool / blur: the dense reference's own kernels on halo-padded tiles; activations:
-  element-wise.
+* max-pool / blur: the dense reference's own kernels (the blur's taps from its layer) on
+  halo-padded tiles; activations: the layer's own element-wise function.
 
 Halos may reach past the direct neighbours (e.g. a 7x7 conv on 1x1 tiles): every op takes the
 neighbour radius it needs. The batch is processed in groups of whole images (neighbours never
@@ -56,10 +58,6 @@ def _conv(x: torch.Tensor, grid: TileGrid, conv) -> torch.Tensor:
     return conv_im2col(pad_tiles(x, grid, before, after), conv)
 
 
-def _act(x: torch.Tensor, layer) -> torch.Tensor:
-    return torch.relu(x) if layer.name == "relu" else torch.nn.functional.gelu(x)
-
-
 def _image_chunks(visible: torch.Tensor, max_tiles: int) -> list[tuple[int, int]]:
     """Split the batch into runs of whole images holding at most ``max_tiles`` visible patches
     (at least one image per run)."""
@@ -93,14 +91,14 @@ def _run_tiles(layers, images: torch.Tensor, grid: TileGrid) -> torch.Tensor:
     for layer in rest:
         kind = layer.kind
         if kind == "act":
-            x = _act(x, layer)
+            x = layer.dense(x)  # element-wise: the layer's own activation
         elif kind == "conv":
             x = _conv(x, grid, layer)
         elif kind == "maxpool":
             x = maxpool_tiles(x, grid, padded=padded)
             padded = False
         elif kind == "blur":
-            x = blur(x, grid, layer.s)
+            x = blur(x, grid, layer)
         else:
             raise ValueError(f"tiles backend: unknown layer kind {kind!r}")
     if x.shape[1] != 1 or x.shape[2] != 1:
