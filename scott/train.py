@@ -21,7 +21,6 @@ naming the step; no checkpoint of that state is written, earlier ones stay intac
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -29,12 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 from scott import checkpoint as ck
 from scott.interrupt import StopRequest, TrainingInterrupted, ignore_in_worker
+from scott.eval.online import compare_with_random_init, knn_monitor, knn_sets  # noqa: F401  (re-exported)
+from scott.run_folder import (CONTEXT_ENCODER_FILE, ENCODER_FILE, MODEL_FILE, OPTIMIZER_FILE,
+                              SCALER_FILE, RunDirError, prepare_run_dir, resolve_output_dir)
+from scott.run_log import DIAGNOSTICS, CollapseWatch, MetricsLog, Progress
+from scott.step_sampler import ProcessBatches, StepSampler  # noqa: F401  (re-exported)
 
 __all__ = [
     "StepSampler",
@@ -52,14 +55,6 @@ __all__ = [
     "build_components",
     "Components",
 ]
-
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
-SCALER_FILE = "scaler.pt"
-METRICS_FILE = "metrics.jsonl"
-RECIPE_FILE = "recipe.yaml"
-ENCODER_FILE = "encoder.safetensors"
-CONTEXT_ENCODER_FILE = "context_encoder.safetensors"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -86,93 +81,6 @@ class CheckpointWriteError(ck.CheckpointError):
                          f"stopped, {kept}")
 
 
-class RunDirError(ValueError):
-    """The output folder cannot be used as asked (e.g. it holds a run and --resume is missing)."""
-
-
-# ----------------------------------------------------------------------------- data order
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return int(np.random.SeedSequence([int(seed), int(epoch), 0x5C077]).generate_state(1)[0])
-
-
-@dataclass(frozen=True)
-class StepSampler:
-    """Deterministic, resumable data order: ``(epoch, index)`` pairs as a function of the step.
-
-    The epoch's permutation comes from ``(seed, epoch)``; step ``s`` of the run takes the slice
-    ``[b * G, (b + 1) * G)`` with ``b = s % steps_per_epoch`` (incomplete tail dropped). The slice
-    is split into ``num_shards`` equal contiguous shards.
-    """
-
-    num_samples: int
-    global_batch: int
-    num_shards: int = 1
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.global_batch % self.num_shards:
-            raise ValueError(f"global batch {self.global_batch} is not divisible into {self.num_shards} shards "
-                             "(processes x accumulation steps)")
-        if self.num_samples < self.global_batch:
-            raise ValueError(f"the dataset has {self.num_samples} images, fewer than one global batch "
-                             f"({self.global_batch}); lower optim.batch_size")
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.num_samples // self.global_batch
-
-    @property
-    def shard_size(self) -> int:
-        return self.global_batch // self.num_shards
-
-    def epoch_of(self, step: int) -> int:
-        return int(step) // self.steps_per_epoch
-
-    def permutation(self, epoch: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
-        return torch.randperm(self.num_samples, generator=gen)
-
-    def global_indices(self, step: int, perm: torch.Tensor | None = None) -> torch.Tensor:
-        """Dataset indices of the whole global batch of ``step``."""
-        epoch, b = divmod(int(step), self.steps_per_epoch)
-        perm = self.permutation(epoch) if perm is None else perm
-        return perm[b * self.global_batch:(b + 1) * self.global_batch]
-
-    def shard(self, step: int, shard: int, perm: torch.Tensor | None = None) -> list[tuple[int, int]]:
-        """The ``(epoch, index)`` pairs of shard ``shard`` of ``step``."""
-        if not 0 <= shard < self.num_shards:
-            raise ValueError(f"shard {shard} out of range [0, {self.num_shards})")
-        idx = self.global_indices(step, perm)[shard * self.shard_size:(shard + 1) * self.shard_size]
-        epoch = self.epoch_of(step)
-        return [(epoch, int(i)) for i in idx]
-
-
-class ProcessBatches:
-    """Batch sampler of one process: micro-batches of steps ``[start_step, end_step)``.
-
-    Yields, per step, ``accum_steps`` lists of ``(epoch, index)`` pairs (shards
-    ``rank * accum_steps + micro``). Usable as a DataLoader ``batch_sampler``.
-    """
-
-    def __init__(self, sampler: StepSampler, rank: int, accum_steps: int, start_step: int, end_step: int):
-        if sampler.num_shards % accum_steps:
-            raise ValueError("num_shards must be processes x accum_steps")
-        self.sampler, self.rank, self.accum = sampler, int(rank), int(accum_steps)
-        self.start, self.end = int(start_step), int(end_step)
-
-    def __len__(self) -> int:
-        return max(0, self.end - self.start) * self.accum
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        epoch, perm = None, None
-        for step in range(self.start, self.end):
-            if self.sampler.epoch_of(step) != epoch:
-                epoch = self.sampler.epoch_of(step)
-                perm = self.sampler.permutation(epoch)
-            for micro in range(self.accum):
-                yield self.sampler.shard(step, self.rank * self.accum + micro, perm)
-
-
 # ----------------------------------------------------------------------------- helpers
 def param_groups(model: nn.Module) -> list[dict]:
     """AdamW groups: weight decay on >= 2-D weights only (no decay on biases and 1-D params).
@@ -190,15 +98,6 @@ def param_groups(model: nn.Module) -> list[dict]:
     if no_decay:
         groups.append({"params": no_decay, "apply_wd": False, "weight_decay": 0.0})
     return groups
-
-
-def resolve_output_dir(recipe: Mapping, output: str | Path | None = None) -> Path:
-    """``output`` if given, else ``train.output_dir``, else ``runs/<recipe name>``."""
-    if output:
-        return Path(output)
-    if recipe["train"].get("output_dir"):
-        return Path(recipe["train"]["output_dir"])
-    return Path("runs") / str(recipe.get("name", "run"))
 
 
 def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -307,6 +206,7 @@ class PretrainRun:
         self.model, self.optimizer = self.acc.prepare(objective, optimizer)
         self.start_step = 0
         self.last_checkpoint: Path | None = None
+        self.last_stats: dict[str, float] = {}
 
     # -- properties
     @property
@@ -358,10 +258,13 @@ class PretrainRun:
         """Forward + backward of every micro-batch of ``step`` on this process.
 
         Returns (loss averaged over micro-batches and processes, seconds spent waiting on data).
-        Leaves the (synchronised) gradients in the parameters; does not step.
+        Leaves the (synchronised) gradients in the parameters; does not step. The objective's
+        diagnostics of the step (``pred_std``, ``target_std``, ... averaged the same way) are
+        left in :attr:`last_stats`.
         """
         device = self.acc.device
         loss_sum = torch.zeros((), device=device)
+        stat_sums: dict[str, torch.Tensor] = {}
         wait = 0.0
         for micro in range(self.accum):
             t0 = time.perf_counter()
@@ -374,13 +277,23 @@ class PretrainRun:
             masks = self.masks(step, self.acc.process_index * self.accum + micro)
             masks = masks.to(device)
             with self.acc.accumulate(self.model):
-                loss, _stats = self.model(ctx, tgt, masks, *views)
+                loss, stats = self.model(ctx, tgt, masks, *views)
                 loss_sum += loss.detach().float()
+                for key in DIAGNOSTICS:
+                    if key in stats:
+                        value = torch.as_tensor(stats[key], device=device).detach().float()
+                        stat_sums[key] = stat_sums.get(key, torch.zeros((), device=device)) + value
                 self.acc.backward(loss)
             if self.acc.sync_gradients != (micro == self.accum - 1):
                 raise RuntimeError("gradient accumulation is out of step with the accelerator "
                                    f"(micro-batch {micro + 1} of {self.accum})")
         mean = self.acc.reduce(loss_sum / self.accum, reduction="mean")
+        if stat_sums:
+            keys = sorted(stat_sums)
+            values = self.acc.reduce(torch.stack([stat_sums[k] for k in keys]) / self.accum, reduction="mean")
+            self.last_stats = dict(zip(keys, values.tolist()))
+        else:
+            self.last_stats = {}
         return mean, wait
 
     def optimizer_step(self, step: int, loss: torch.Tensor, momentum: float) -> None:
@@ -472,237 +385,29 @@ class PretrainRun:
 
 
 # ----------------------------------------------------------------------------- run folder files
-def _prepare_run_dir(run: PretrainRun, resume: bool) -> int:
-    """Check the folder, restore the last complete checkpoint if resuming; returns the start step."""
-    from scott.config import format_recipe
-
-    run_dir = run.run_dir
-    start = 0
-    if resume:
-        last = ck.find_last_complete(run_dir, log=run.log)
-        if last is None:
-            run.log(f"--resume: no checkpoint in {run_dir}, starting from step 0")
-        else:
-            start = run.load_checkpoint(last)
-            run.log(f"resuming from {last} (step {start} of {run.total_steps})")
-            _warn_recipe_change(run, run_dir / RECIPE_FILE)
-    elif ck.list_checkpoints(run_dir):
-        raise RunDirError(f"{run_dir} already holds checkpoints of a run; pass --resume to continue it "
-                          "or choose another --output")
-    run.acc.wait_for_everyone()
-    if run.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ck.atomic_write_text(run_dir / RECIPE_FILE, format_recipe(run.recipe))
-        _truncate_metrics(run_dir / METRICS_FILE, start)
-        if start == 0 and (run_dir / "tb").is_dir():  # events of an attempt that never checkpointed
-            shutil.rmtree(run_dir / "tb")
-    run.acc.wait_for_everyone()
-    _note_short_ema(run)
-    return start
-
-
-# Above this share of initial weights in the final EMA target, the run says so at its start.
-EMA_INITIAL_SHARE_NOTE = 0.25
-
-
-def _note_short_ema(run: PretrainRun) -> None:
-    """Tell the user when the run is too short for the EMA target to leave its initialisation."""
-    from scott.schedules import ema_initial_share
-
-    if not hasattr(run.objective, "target_encoder"):
-        return
-    share = ema_initial_share(run.total_steps, run.recipe["objective"])
-    if share > EMA_INITIAL_SHARE_NOTE:
-        run.log(f"note: after {run.total_steps} steps the EMA target encoder (momentum "
-                f"{run.recipe['objective']['ema_start']} -> {run.recipe['objective']['ema_end']}) still keeps "
-                f"{100 * share:.0f} % of its initial weights; the exported encoder.safetensors will be close to "
-                "random init. Run more steps (a smaller optim.batch_size or more epochs), lower "
-                "objective.ema_start, or evaluate the context encoder (--which context).")
-
-
-def _warn_recipe_change(run: PretrainRun, stored: Path) -> None:
-    import yaml
-
-    if not stored.is_file():
-        return
-    old = yaml.safe_load(stored.read_text(encoding="utf-8")) or {}
-    changed = [f"{sec}.{key}" for sec, body in run.recipe.items() if isinstance(body, dict)
-               for key, value in body.items() if (old.get(sec) or {}).get(key, value) != value]
-    if changed:
-        run.log(f"note: the recipe differs from the stored {stored.name} in: {', '.join(changed)}")
-
-
-def _truncate_metrics(path: Path, start_step: int) -> None:
-    """Drop metric lines of steps after ``start_step`` (written after the resumed checkpoint)."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if int(json.loads(line).get("step", 0)) <= start_step:
-                kept.append(line)
-        except (ValueError, AttributeError):
-            continue
-    ck.atomic_write_text(path, "".join(f"{line}\n" for line in kept))
-
-
-class _MetricsLog:
-    """metrics.jsonl + TensorBoard on the main process; no-op elsewhere."""
-
-    def __init__(self, run_dir: Path, enabled: bool, start_step: int, log_every: int):
-        self.enabled, self.log_every = enabled, max(1, int(log_every))
-        self.file = self.tb = None
-        if enabled:
-            self.file = open(run_dir / METRICS_FILE, "a", encoding="utf-8")
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
-            except ImportError:  # tensorboard missing: the jsonl file is the record
-                self.tb = None
-
-    def write(self, record: Mapping[str, Any], tb_every: bool = True) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        step = int(record["step"])
-        if self.tb is not None and (not tb_every or step % self.log_every == 0 or step == 1):
-            for key, value in record.items():
-                if key not in ("step", "epoch") and isinstance(value, (int, float)):
-                    self.tb.add_scalar(f"pretrain/{key}", value, step)
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
-        if self.tb:
-            self.tb.close()
-
-
-class _Progress:
-    """rich progress bar on the main process (steps, loss, images/s, ETA)."""
-
-    def __init__(self, enabled: bool, total: int, start: int):
-        self.bar = self.task = None
-        if enabled:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeElapsedColumn, TimeRemainingColumn)
-
-            self.bar = Progress(TextColumn("pretrain"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[ips]} img/s"),
-                                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-            self.task = self.bar.add_task("pretrain", total=total, completed=start, loss="-", ips="-")
-            self.bar.start()
-
-    def update(self, step: int, loss: float, ips: float) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, loss=f"{loss:.4f}", ips=f"{ips:.1f}")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
-def _print_summary(summary: Mapping[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="pretraining summary")
-    table.add_column("item")
-    table.add_column("value")
-    for key, value in summary.items():
-        if isinstance(value, float):
-            value = f"{value:.4g}"
-        table.add_row(str(key), str(value))
-    Console().print(table)
-
-
-# ----------------------------------------------------------------------------- kNN monitor / payoff
-def knn_sets(recipe: Mapping, query_split: str = "val"):
-    """(memory bank, queries) labelled datasets for kNN, by the one rule of
-    :func:`scott.data.eval_splits.bank_and_queries`: ``"val"`` is the official validation split
-    against ``train`` where there is one, else carved from ``trainval`` with
-    ``data.val_fraction`` (seed ``train.seed``) against the rest; ``"test"`` is queried against
-    ``trainval``. The bank never holds a query image.
-    """
-    from scott.data.eval_splits import bank_and_queries
-
-    return bank_and_queries(recipe["data"], query_split, int(recipe["train"]["seed"]),
-                            in_chans=recipe["model"]["in_chans"])
-
-
-def knn_monitor(encoder: nn.Module, recipe: Mapping, eval_transform_spec: Mapping | None,
-                k: int | None = None, query_split: str = "val", device=None, sets=None) -> float:
-    """Weighted-kNN top-1 of avg-pooled ``encoder`` features (train bank, ``query_split`` queries).
-
-    Used online during pretraining (``train.monitor_every``) with the validation split, so the
-    monitor never looks at the test split. ``sets`` reuses ``knn_sets`` output.
-    """
-    from scott.eval.features import extract_features
-    from scott.eval.knn import knn_classify
-
-    bank, query = sets or knn_sets(recipe, query_split)
-    had = getattr(encoder, "eval_transform_spec", None)
-    encoder.eval_transform_spec = dict(eval_transform_spec) if eval_transform_spec else had
-    try:
-        xb, yb = extract_features(encoder, bank, device=device, progress=False)
-        xq, yq = extract_features(encoder, query, device=device, progress=False)
-    finally:
-        encoder.eval_transform_spec = had
-    top1, _ = knn_classify(xb, yb, xq, yq, k=int(k or recipe["train"]["monitor_k"]))
-    return float(top1)
-
-
-def compare_with_random_init(run_dir: str | Path, recipe: Mapping, k: int | None = None,
-                             split: str | None = None, device=None) -> dict[str, float]:
-    """kNN top-1 on ``split`` (default ``data.eval_split``) of the pretrained target encoder, the
-    pretrained context encoder and a randomly initialised encoder of the same recipe (seed
-    ``train.seed``).
-
-    Both pretrained encoders are reported because on short runs the EMA target still lags the
-    context encoder (see :func:`scott.schedules.ema_initial_share`). This is a report of a
-    finished run (nothing is selected on it).
-    """
-    from scott.eval.features import PixelEncoder, load_encoder
-    from scott.models import build_encoder
-
-    split = split or recipe["data"]["eval_split"]
-    trained = load_encoder(run_dir, which="target", device=device)
-    context = load_encoder(run_dir, which="context", device=device)
-    torch.manual_seed(int(recipe["train"]["seed"]))
-    random_init = build_encoder(recipe["model"])
-    random_init.model_cfg = dict(recipe["model"])
-    spec = trained.eval_transform_spec
-    k = int(k or recipe["train"]["monitor_k"])
-    sets = knn_sets(recipe, split)
-    pixels = PixelEncoder(int(recipe["model"]["in_chans"]), spec)
-    return {"pretrained": knn_monitor(trained, recipe, spec, k, split, device, sets),
-            "pretrained_context": knn_monitor(context, recipe, spec, k, split, device, sets),
-            "random_init": knn_monitor(random_init, recipe, spec, k, split, device, sets),
-            "pixels": knn_monitor(pixels, recipe, spec, k, split, device, sets),
-            "pool": getattr(trained, "global_pool", "avg"), "k": k, "split": split}
-
-
 # ----------------------------------------------------------------------------- entry point
 def pretrain(recipe: Mapping, output_dir: str | Path, resume: bool = False, accelerator=None,
-             components: Components | None = None) -> dict[str, Any]:
-    """Pretrain the recipe's objective; write the run folder; return a summary dict.
+             components: Components | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Pretrain the recipe's objective; write the run folder; return a summary dict (printing it
+    is the caller's choice: ``scott.run_log.summary_table``).
 
-    ``components`` replaces the library-built objective/data/masks (tests, experiments).
+    ``components`` replaces the library-built objective/data/masks (tests, experiments). ``log``
+    receives the run's notes and warnings (default: printed by the main process).
     Raises :class:`NonFiniteLossError` on NaN/inf loss, :class:`RunDirError` for an unusable
     output folder, ``scott.checkpoint.CheckpointError`` when resuming finds only torn checkpoints,
     :class:`CheckpointWriteError` when a checkpoint cannot be written, and
     :class:`scott.interrupt.TrainingInterrupted` after SIGTERM / Ctrl-C (the step in progress is
     finished and checkpointed first; ``--resume`` continues bit-identically).
     """
-    run = PretrainRun(recipe, output_dir, accelerator, components)
+    run = PretrainRun(recipe, output_dir, accelerator, components, log=log)
     train_cfg = recipe["train"]
-    start = run.start_step = _prepare_run_dir(run, resume)
+    start = run.start_step = prepare_run_dir(run, resume)
     total = run.total_steps
     every = int(train_cfg["checkpoint_every"])
     monitor_every = int(train_cfg["monitor_every"])
-    metrics = _MetricsLog(run.run_dir, run.is_main, start, train_cfg["log_every"])
-    progress = _Progress(run.is_main, total, start)
+    metrics = MetricsLog(run.run_dir, run.is_main, start, train_cfg["log_every"])
+    progress = Progress(run.is_main, total, start)
+    collapse = CollapseWatch()
     run.model.train()
     stopper = StopRequest(log=run.log).install()  # SIGTERM / Ctrl-C: stop after the current step
     batches = run.make_loader(start)
@@ -723,7 +428,11 @@ def pretrain(recipe: Mapping, output_dir: str | Path, resume: bool = False, acce
             images += run.global_batch
             ips = run.global_batch / max(dt, 1e-9)
             record = {"step": done, "epoch": run.sampler.epoch_of(step), "loss": loss_value, "lr": sched["lr"],
-                      "wd": sched["wd"], "momentum": sched["momentum"], "images_per_s": ips, "data_wait_s": wait}
+                      "wd": sched["wd"], "momentum": sched["momentum"], "images_per_s": ips, "data_wait_s": wait,
+                      **run.last_stats}
+            warning = collapse.check(done, run.last_stats)
+            if warning:
+                run.log(warning)
             epoch_end = done % run.steps_per_epoch == 0
             if monitor_every and epoch_end and (done // run.steps_per_epoch) % monitor_every == 0:
                 if run.is_main:
@@ -759,6 +468,4 @@ def pretrain(recipe: Mapping, output_dir: str | Path, resume: bool = False, acce
                "last_checkpoint": str(run.last_checkpoint)}
     if knn_last is not None:
         summary["knn_top1_monitor"] = knn_last
-    if run.is_main:
-        _print_summary(summary)
     return summary

@@ -93,3 +93,26 @@ def test_ema_initial_share_matches_the_product_of_momenta():
     # momentum 1 never moves the target, momentum 0 copies the online weights
     assert ema_initial_share(50, {"ema_start": 1.0, "ema_end": 1.0}) == 1.0
     assert ema_initial_share(10, {"ema_start": 0.0, "ema_end": 0.0}) == 0.0
+
+
+def test_warmup_cosine_is_the_one_curve():
+    from scott.schedules import warmup_cosine
+
+    # warm-up 0.1 -> 1 over 4 steps, flat 2 steps, cosine over the remaining 5 steps to 0.5
+    values = [warmup_cosine(s, 11, 1.0, warmup=4, start=0.1, floor=0.5, flat=2) for s in range(12)]
+    assert values[:4] == pytest.approx([0.1, 0.325, 0.55, 0.775])
+    assert values[4:7] == pytest.approx([1.0, 1.0, 1.0])
+    assert values[7] == pytest.approx(0.5 + 0.25 * (1 + math.cos(math.pi / 4)))
+    assert values[10:] == pytest.approx([0.5, 0.5])
+    # lr_at is that curve with the recipe's keys
+    from scott.schedules import lr_at
+    for s in range(TOTAL):
+        assert lr_at(s, TOTAL, SPE, OPT) == warmup_cosine(s, TOTAL, 5e-4, 40, 1e-6, 1e-5, 100)
+
+
+def test_recipe_schedules_need_complete_sections():
+    """No second set of defaults: a partial section is an error, not another schedule."""
+    with pytest.raises(KeyError):
+        lr_at(0, 10, 1, {"lr": 1e-3})
+    with pytest.raises(KeyError):
+        momentum_at(0, 10, {})

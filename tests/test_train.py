@@ -96,6 +96,9 @@ def test_run_folder_metrics_schedules_and_exports(tmp_path):
         assert r["wd"] == pytest.approx(wd_at(s, 6, recipe["optim"]))
         assert r["momentum"] == pytest.approx(momentum_at(s, 6, recipe["objective"]))
         assert math.isfinite(r["loss"]) and r["images_per_s"] > 0 and r["data_wait_s"] >= 0
+        # the objective's diagnostics are logged every step (LayerNorm-ed targets: a spread well
+        # above the collapse warning's 0.05 and below 1)
+        assert 0.1 < r["target_std"] < 1 and r["pred_std"] > 0 and r["target_abs"] > 0
     assert lines[-1]["loss"] == pytest.approx(summary["final_loss"])
     assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["step_00000003", "step_00000006"]
     assert any((tmp_path / "tb").iterdir())
@@ -325,6 +328,25 @@ def test_knn_monitor_and_random_init_report(tmp_path):
     assert 0.3 < report["pretrained_context"] <= 1.0
     # raw pixels through the same bank/query rule: 16 px demo images are far above chance too
     assert 0.5 < report["pixels"] <= 1.0 and report["pool"] == "avg"
+    # the report leaves the caller's RNG stream where it was
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    compare_with_random_init(tmp_path, recipe, split="val")
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_library_run_prints_no_summary_and_the_cli_does(tmp_path, capsys):
+    _run(tiny_recipe(train={"max_steps": 2}), tmp_path)
+    assert "pretraining summary" not in capsys.readouterr().out
+    from rich.console import Console
+
+    from scott.run_log import summary_table
+
+    console = Console(width=100, record=True)
+    console.print(summary_table({"steps": 2, "final_loss": 0.123456}))
+    text = console.export_text()
+    assert "pretraining summary" in text and "0.1235" in text
 
 
 @pytest.mark.slow

@@ -71,7 +71,14 @@ def main(argv=None) -> int:
         print(f"error: interrupted again, quit at once; the last complete checkpoint in {output / 'checkpoints'} "
               f"is kept; continue with: {resume_command(argv, output)}", file=sys.stderr)
         return 130
-    if args.no_knn or not summary.get("is_main_process", True):
+    if not summary.get("is_main_process", True):
+        return 0
+    from rich.console import Console
+
+    from scott.run_log import summary_table
+
+    Console().print(summary_table(summary))
+    if args.no_knn:
         return 0
     report = compare_with_random_init(output, recipe, device=summary.get("device"))
     print(f"kNN top-1 (k={report['k']}, {report['pool']} pooling) on the {report['split']} split: "

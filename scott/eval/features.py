@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -186,11 +186,13 @@ class EvalView(torch.utils.data.Dataset):
         return _match_channels(x, self.in_chans), int(label)
 
 
-def resolve_transform(encoder: nn.Module, transform: Callable | None) -> tuple[Callable, bool]:
-    """(transform, convert_to_pil): explicit transform as-is, else the encoder's stored spec."""
+def resolve_transform(encoder: nn.Module, transform: Callable | None,
+                      transform_spec: Mapping | None = None) -> tuple[Callable, bool]:
+    """(transform, convert_to_pil): an explicit transform as-is, else the transform made from
+    ``transform_spec``, else from the encoder's stored spec."""
     if transform is not None:
         return transform, False
-    spec = getattr(encoder, "eval_transform_spec", None)
+    spec = transform_spec if transform_spec is not None else getattr(encoder, "eval_transform_spec", None)
     if spec is None:
         raise ValueError("the encoder has no eval_transform_spec; pass transform= explicitly")
     from scott.data.transforms import transform_from_spec
@@ -216,11 +218,13 @@ def extract_features(
     num_workers: int = 0,
     progress: bool = True,
     description: str = "features",
+    transform_spec: Mapping | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen features of a map-style ``(image, label)`` dataset.
 
-    Images (PIL or tensors) go through ``transform`` or, by default, the encoder's stored
-    evaluation transform (grey images are converted to the encoder's colour mode). The encoder is
+    Images (PIL or tensors) go through ``transform``, else the evaluation transform described by
+    ``transform_spec``, else the encoder's stored evaluation transform (grey images are converted
+    to the encoder's colour mode). The encoder is
     put in eval mode and run under ``torch.no_grad`` on full images (``visible=None``).
 
     Returns ``(features, labels)``: features ``[N, D]`` for ``pool="avg"`` (mean over tokens),
@@ -235,7 +239,7 @@ def extract_features(
         raise ValueError(f"pool must be one of {(*GLOBAL_POOLS, 'tokens')}, got {pool!r}")
     if len(dataset) == 0:
         raise ValueError("cannot extract features of an empty dataset")
-    fn, convert_pil = resolve_transform(encoder, transform)
+    fn, convert_pil = resolve_transform(encoder, transform, transform_spec)
     view = EvalView(dataset, fn, encoder_in_chans(encoder), convert_pil)
     loader = torch.utils.data.DataLoader(view, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     device = _model_device(encoder, device)

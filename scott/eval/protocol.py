@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from scott.eval.knn import topk_accuracy
+from scott.schedules import warmup_cosine
 
 __all__ = [
     "FeatureSet",
@@ -141,13 +142,6 @@ def make_grid(**axes: Sequence[Any]) -> list[dict]:
     return [dict(zip(names, values)) for values in itertools.product(*(axes[n] for n in names))]
 
 
-def _cosine_lr(base_lr: float, step: int, total: int, warmup: int) -> float:
-    if warmup and step < warmup:
-        return base_lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def train_classifier(
     model: nn.Module,
     data: FeatureSet,
@@ -190,7 +184,7 @@ def train_classifier(
             x = data.features[idx].to(device, non_blocking=True).float()
             y = data.labels[idx].to(device).long()
             for group in opt.param_groups:
-                group["lr"] = _cosine_lr(lr, step, total, warmup)
+                group["lr"] = warmup_cosine(step, total, lr, warmup, start=lr / max(warmup, 1))
             loss = loss_fn(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
