@@ -7,7 +7,7 @@ visible set; for ``multiblock`` it is the union of the target blocks (a subset o
 
 Every image of a batch has exactly the same number of visible patches, so the encoder can drop
 masked tokens (``context_tokens="visible"``). Masks are a pure function of
-``(seed, step, rank)`` via :func:`masks_for_step`; no global RNG state is touched.
+``(seed, step, shard)`` via :func:`masks_for_step`; no global RNG state is touched.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ __all__ = [
     "MASK_KINDS",
     "build_mask_generator",
     "masks_for_step",
+    "StepMasks",
     "step_generator",
     "num_visible_for_ratio",
 ]
@@ -67,10 +68,10 @@ def _mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
-    """A CPU ``torch.Generator`` seeded from ``(seed, step, rank)`` (different tuples, different streams)."""
+def step_generator(seed: int, step: int, shard: int = 0) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded from ``(seed, step, shard)`` (different tuples, different streams)."""
     h = 0
-    for v in (int(seed), int(step), int(rank)):
+    for v in (int(seed), int(step), int(shard)):
         h = _mix64(h ^ (v & 0xFFFFFFFFFFFFFFFF))
     g = torch.Generator(device="cpu")
     g.manual_seed(h & 0x7FFFFFFFFFFFFFFF)
@@ -347,6 +348,19 @@ def build_mask_generator(mask_cfg: dict, grid: Sequence[int]) -> MaskGenerator:
     raise ValueError(f"unknown mask kind {kind!r}; choose one of {', '.join(MASK_KINDS)}")
 
 
-def masks_for_step(mask_gen: MaskGenerator, batch_size: int, seed: int, step: int, rank: int = 0) -> MaskBatch:
-    """The masks of one optimiser step on one process: a pure function of ``(seed, step, rank)``."""
-    return mask_gen.batch(batch_size, step_generator(seed, step, rank))
+def masks_for_step(mask_gen: MaskGenerator, batch_size: int, seed: int, step: int, shard: int = 0) -> MaskBatch:
+    """The masks of one micro-batch: a pure function of ``(seed, step, shard)``, where ``shard`` is
+    the micro-batch's index within the step's global batch (``process * accum_steps + micro``)."""
+    return mask_gen.batch(batch_size, step_generator(seed, step, shard))
+
+
+class StepMasks:
+    """``(batch, seed, step, shard) -> MaskBatch``: the recipe's masks, ``masks_per_image`` per
+    image (rows ``i * m .. i * m + m - 1`` belong to image ``i``). Picklable, so loader workers
+    can draw masks (see :mod:`scott.mask_collator`)."""
+
+    def __init__(self, mask_gen: MaskGenerator, masks_per_image: int = 1):
+        self.mask_gen, self.masks_per_image = mask_gen, int(masks_per_image)
+
+    def __call__(self, batch: int, seed: int, step: int, shard: int) -> MaskBatch:
+        return masks_for_step(self.mask_gen, batch * self.masks_per_image, seed, step, shard)

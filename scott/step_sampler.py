@@ -76,8 +76,9 @@ class StepSampler:
 class ProcessBatches:
     """Batch sampler of one process: micro-batches of steps ``[start_step, end_step)``.
 
-    Yields, per step, ``accum_steps`` lists of ``(epoch, index)`` pairs (shards
-    ``rank * accum_steps + micro``). Usable as a DataLoader ``batch_sampler``.
+    Yields, per step, ``accum_steps`` lists of ``(epoch, index, step, shard)`` keys (shard
+    ``rank * accum_steps + micro``; the first two are :meth:`StepSampler.shard`'s pairs, the
+    last two tell the mask collator which masks to draw). Usable as a DataLoader ``batch_sampler``.
     """
 
     def __init__(self, sampler: StepSampler, rank: int, accum_steps: int, start_step: int, end_step: int):
@@ -96,4 +97,5 @@ class ProcessBatches:
                 epoch = self.sampler.epoch_of(step)
                 perm = self.sampler.permutation(epoch)
             for micro in range(self.accum):
-                yield self.sampler.shard(step, self.rank * self.accum + micro, perm)
+                shard = self.rank * self.accum + micro
+                yield [(e, i, step, shard) for e, i in self.sampler.shard(step, shard, perm)]

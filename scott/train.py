@@ -7,8 +7,9 @@ repeats an uninterrupted one exactly:
   ``(seed, epoch)`` (drop_last) and splits it into ``num_processes * accum_steps`` shards; shard
   ``k = rank * accum_steps + micro`` is one micro-batch of one process. The global batch of a step
   does not depend on how many processes / accumulation steps share it.
-* Masks of a micro-batch come from ``masks_for_step(gen, b, seed, step, k)`` (same shard id), so
-  2 processes x 1 micro-batch and 1 process x 2 micro-batches see identical data and masks.
+* Masks of a micro-batch come from ``masks_for_step(gen, b, seed, step, k)`` (same shard id),
+  drawn by the loader's collator (``scott.mask_collator``), so 2 processes x 1 micro-batch and
+  1 process x 2 micro-batches see identical data and masks.
 * LR, weight decay and EMA momentum are set by hand every optimiser step from the global step
   (``scott.schedules``); there is no prepared LR scheduler.
 * A checkpoint holds the objective's weights (safetensors), the optimiser (and fp16 scaler)
@@ -33,6 +34,7 @@ import torch.nn as nn
 
 from scott import checkpoint as ck
 from scott.interrupt import StopRequest, TrainingInterrupted, ignore_in_worker
+from scott.mask_collator import MaskCollator, StepItems
 from scott.eval.online import compare_with_random_init, knn_monitor, knn_sets  # noqa: F401  (re-exported)
 from scott.run_folder import (CONTEXT_ENCODER_FILE, ENCODER_FILE, MODEL_FILE, OPTIMIZER_FILE,
                               SCALER_FILE, RunDirError, prepare_run_dir, resolve_output_dir)
@@ -129,7 +131,7 @@ def build_components(recipe: Mapping) -> Components:
     """Objective, pretraining dataset (two seeded views per image) and mask function."""
     from scott.data import (PretrainDataset, build_pretrain_dataset, build_pretrain_transform,
                             check_dataset_size, eval_transform_spec)
-    from scott.masks import build_mask_generator, masks_for_step
+    from scott.masks import StepMasks, build_mask_generator
     from scott.objectives import build_objective
 
     model_cfg = recipe["model"]
@@ -140,11 +142,7 @@ def build_components(recipe: Mapping) -> Components:
     dataset = PretrainDataset(base, build_pretrain_transform(recipe), seed=int(recipe["train"]["seed"]))
     objective = build_objective(recipe)
 
-    num_masks = int(recipe["objective"]["num_masks"])  # context masks per image
-
-    def mask_fn(batch, seed, step, shard):
-        return masks_for_step(gen, batch * num_masks, seed, step, shard)
-
+    mask_fn = StepMasks(gen, int(recipe["objective"]["num_masks"]))  # context masks per image
     return Components(objective=objective, dataset=dataset, num_samples=len(dataset), mask_fn=mask_fn,
                       eval_transform_spec=eval_transform_spec(model_cfg))
 
@@ -235,8 +233,9 @@ class PretrainRun:
         batches = ProcessBatches(self.sampler, self.acc.process_index, self.accum, start_step, self.total_steps)
         workers = int(self.recipe["data"]["num_workers"])
         loader = torch.utils.data.DataLoader(
-            self.parts.dataset, batch_sampler=batches, num_workers=workers,
-            collate_fn=self.parts.collate_fn, pin_memory=self.acc.device.type == "cuda",
+            StepItems(self.parts.dataset), batch_sampler=batches, num_workers=workers,
+            collate_fn=MaskCollator(self.parts.mask_fn, self.seed, self.parts.collate_fn),
+            pin_memory=self.acc.device.type == "cuda",
             generator=torch.Generator().manual_seed(self.seed),  # keeps the global RNG untouched
             worker_init_fn=ignore_in_worker if workers else None,  # the main process handles SIGTERM / Ctrl-C
             persistent_workers=False, prefetch_factor=4 if workers else None)
@@ -249,9 +248,6 @@ class PretrainRun:
         flag = torch.tensor([int(signum or 0)], device=self.acc.device)
         agreed = int(self.acc.gather(flag).max())
         return agreed or None
-
-    def masks(self, step: int, shard: int):
-        return self.parts.mask_fn(self.micro_batch, self.seed, step, shard)
 
     # -- one optimiser step
     def accumulate_gradients(self, step: int, batches: Iterator) -> tuple[torch.Tensor, float]:
@@ -270,12 +266,15 @@ class PretrainRun:
             t0 = time.perf_counter()
             batch = next(batches)
             wait += time.perf_counter() - t0
-            ctx, tgt, extra = _split_batch(batch)
+            shard = self.acc.process_index * self.accum + micro
+            if (batch["step"], batch["shard"]) != (step, shard):
+                raise RuntimeError(f"the loader delivered step {batch['step']} shard {batch['shard']} "
+                                   f"for step {step} shard {shard}")
+            ctx, tgt, extra = _split_batch(batch["views"])
             ctx = ctx.to(device, non_blocking=True)
             tgt = tgt.to(device, non_blocking=True)
             views = () if extra is None else (extra.to(device, non_blocking=True),)
-            masks = self.masks(step, self.acc.process_index * self.accum + micro)
-            masks = masks.to(device)
+            masks = batch["masks"].to(device)
             with self.acc.accumulate(self.model):
                 loss, stats = self.model(ctx, tgt, masks, *views)
                 loss_sum += loss.detach().float()

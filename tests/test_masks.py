@@ -39,12 +39,12 @@ def test_exact_visible_count_and_complement_target(kind, grid, ratio):
 @pytest.mark.parametrize("kind", ["blockwise", "multiblock", "uniform"])
 def test_same_seed_same_masks_and_different_seeds_differ(kind):
     gen = build_mask_generator({"kind": kind}, GRID)
-    a = masks_for_step(gen, 8, seed=0, step=5, rank=0)
-    b = masks_for_step(gen, 8, seed=0, step=5, rank=0)
+    a = masks_for_step(gen, 8, seed=0, step=5, shard=0)
+    b = masks_for_step(gen, 8, seed=0, step=5, shard=0)
     assert torch.equal(a.visible, b.visible) and torch.equal(a.target, b.target)
-    for other in (masks_for_step(gen, 8, seed=1, step=5, rank=0),
-                  masks_for_step(gen, 8, seed=0, step=6, rank=0),
-                  masks_for_step(gen, 8, seed=0, step=5, rank=1)):
+    for other in (masks_for_step(gen, 8, seed=1, step=5, shard=0),
+                  masks_for_step(gen, 8, seed=0, step=6, shard=0),
+                  masks_for_step(gen, 8, seed=0, step=5, shard=1)):
         assert not torch.equal(a.visible, other.visible)
 
 

@@ -62,7 +62,10 @@ def test_process_batches_resume_mid_epoch_skips_exactly_consumed_batches():
     full = list(ProcessBatches(s, rank=1, accum_steps=2, start_step=0, end_step=9))
     resumed = list(ProcessBatches(s, rank=1, accum_steps=2, start_step=3, end_step=9))
     assert len(full) == 18 and resumed == full[6:]
-    assert full[0] == s.shard(0, 2) and full[1] == s.shard(0, 3)
+    # keys (epoch, index, step, shard): the sampler's pairs plus what the mask collator needs
+    assert full[0] == [(e, i, 0, 2) for e, i in s.shard(0, 2)]
+    assert full[1] == [(e, i, 0, 3) for e, i in s.shard(0, 3)]
+    assert {(k[2], k[3]) for k in full[17]} == {(8, 3)}
 
 
 def test_sampler_rejects_indivisible_batch_and_tiny_dataset():
