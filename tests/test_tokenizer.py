@@ -251,8 +251,9 @@ def test_timm_vit_with_tokenizer_as_embed_layer():
 
     from timm.models.vision_transformer import VisionTransformer
 
+    torch.manual_seed(0)
     vit = VisionTransformer(img_size=32, patch_size=4, in_chans=3, num_classes=5, embed_dim=32, depth=1,
-                            num_heads=2, embed_layer=partial(Tokenizer, stack="small", hidden_dim=8))
+                            num_heads=2, embed_layer=partial(Tokenizer, stack="small", hidden_dim=8)).eval()
     assert isinstance(vit.patch_embed, Tokenizer)
     assert vit.patch_embed.num_patches == 64 and vit.patch_embed.grid_size == (8, 8)
     images = torch.randn(2, 3, 32, 32)
@@ -260,9 +261,17 @@ def test_timm_vit_with_tokenizer_as_embed_layer():
     assert logits.shape == (2, 5)
     logits.square().sum().backward()
     assert vit.patch_embed.layers[0].weight.grad.abs().sum() > 0
-    # The embed layer inside timm computes exactly what the tokenizer computes on its own.
+    # timm's forward equals a ViT built by hand from the same weights: each stack layer's dense
+    # computation, row-major tokens, class token, timm's (random) learned positions, blocks, norm,
+    # class-token head. A wrong token order, layer or position would change the logits.
     with torch.no_grad():
-        tokens = vit.patch_embed(images)
-        again = Tokenizer(32, 4, stack="small", hidden_dim=8)
-        again.load_state_dict(vit.patch_embed.state_dict())
-        assert torch.equal(again(images), tokens)
+        x = images
+        for layer in vit.patch_embed.layers:
+            x = layer.dense(x)
+        tokens = x.flatten(2).transpose(1, 2)                          # [2, 64, 32]
+        h = torch.cat([vit.cls_token.expand(2, -1, -1), tokens], dim=1) + vit.pos_embed
+        for block in vit.blocks:
+            h = block(h)
+        expected = vit.head(vit.norm(h)[:, 0])
+        assert torch.allclose(vit(images), expected, atol=1e-5)
+        assert not torch.allclose(vit(images.flip(-1)), expected, atol=1e-3)

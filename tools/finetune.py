@@ -7,7 +7,9 @@
 
 A validation split is carved from the labelled train split (data.val_fraction, stratified,
 seeded); the model trains on the rest, the epoch with the best validation top-1 is kept, and the
-test split is evaluated once with it.
+test split is evaluated once with it. The model is scott's timm model (``ScottViT``, what
+``timm.create_model("scott_vit_small", pretrained=True, pretrained_cfg_overlay=dict(file=...))``
+builds) with average pooling, so timm's own training script can fine-tune the same export.
 """
 
 import argparse
@@ -21,11 +23,12 @@ from rich.console import Console  # noqa: E402
 from scott.config import RecipeError, run_cli  # noqa: E402
 from scott.data.datasets import split_train_val  # noqa: E402
 from scott.eval.features import EvalView, encoder_in_chans, resolve_transform  # noqa: E402
-from scott.eval.finetune import FinetuneClassifier, FlipView, finetune  # noqa: E402
+from scott.eval.finetune import FlipView, finetune  # noqa: E402
 from scott.eval.runs import (  # noqa: E402
     add_source_args, command_line, dataset_labels, default_json_path, eval_datasets, limit_dataset,
     result_record, source_from_args, write_json,
 )
+from scott.models.timm_family import ScottViT  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -75,7 +78,8 @@ def main(argv=None):
     fit = fit if args.no_flip else FlipView(fit)
     val = view(torch.utils.data.Subset(train, val_idx.tolist()))
     num_classes = int(dataset_labels(train).max()) + 1
-    model = FinetuneClassifier(encoder, num_classes)
+    # The timm model (timm.create_model("scott_vit_*") builds the same class), average-pooled.
+    model = ScottViT.from_encoder(encoder, num_classes, global_pool="avg")
     result = finetune(model, fit, val, view(test), epochs=args.epochs, lr=args.lr, min_lr=args.min_lr,
                       warmup_epochs=args.warmup_epochs, batch_size=args.batch_size,
                       weight_decay=args.weight_decay, layer_decay=args.layer_decay,

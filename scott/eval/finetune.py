@@ -6,7 +6,8 @@ split is evaluated once with those weights. Runs on Hugging Face Accelerate (CPU
 GPUs); AdamW, linear warm-up + cosine lr, optional layer-wise lr decay.
 
 Public API:
-    FinetuneClassifier(encoder, num_classes)     encoder -> avg-pooled tokens -> LayerNorm -> Linear
+    FinetuneClassifier(encoder, num_classes)     ScottViT (the timm model) around encoder, avg pool:
+                                                  encoder -> avg-pooled tokens -> LayerNorm -> Linear
     encoder_layer_id(name, depth)                 layer index of a parameter (for layer decay)
     param_groups(model, weight_decay, layer_decay) AdamW groups with per-group ``lr_scale``
     FlipView(dataset)                             random horizontal flips on a tensor dataset
@@ -24,25 +25,19 @@ import torch.nn as nn
 
 from scott.eval.knn import topk_accuracy
 from scott.eval.protocol import mean_per_class_accuracy
+from scott.models.timm_family import ScottViT
 
 __all__ = ["FinetuneClassifier", "encoder_layer_id", "param_groups", "FlipView", "finetune"]
 
 
-class FinetuneClassifier(nn.Module):
-    """Encoder (all tokens of full images) -> mean over tokens -> LayerNorm -> Linear."""
+class FinetuneClassifier(ScottViT):
+    """The timm model :class:`~scott.models.timm_family.ScottViT` around ``encoder``, pooling
+    with ``avg`` whatever the encoder's ``global_pool``: encoder (all tokens of full images) ->
+    mean over tokens -> LayerNorm -> Linear (``timm.create_model("scott_vit_*")`` builds the same
+    class; state-dict keys ``encoder.*``, ``fc_norm.*``, ``head.*``)."""
 
     def __init__(self, encoder: nn.Module, num_classes: int):
-        super().__init__()
-        dim = int(getattr(encoder, "embed_dim"))
-        self.encoder = encoder
-        self.fc_norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, num_classes)
-        nn.init.trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        tokens = self.encoder(images, None, "all")
-        return self.head(self.fc_norm(tokens.mean(dim=1)))
+        super().__init__(num_classes=num_classes, global_pool="avg", encoder=encoder)
 
 
 def encoder_layer_id(name: str, depth: int) -> int:
@@ -57,7 +52,7 @@ def encoder_layer_id(name: str, depth: int) -> int:
     return depth + 1
 
 
-def param_groups(model: FinetuneClassifier, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+def param_groups(model: ScottViT, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
     """AdamW parameter groups: no weight decay on biases / 1-D parameters; ``lr_scale`` =
     ``layer_decay ** (depth + 1 - layer_id)`` (1.0 everywhere when ``layer_decay`` is 1)."""
     depth = len(getattr(model.encoder, "blocks", []))
@@ -113,7 +108,7 @@ def _evaluate(model: nn.Module, loader, accelerator) -> dict:
 
 
 def finetune(
-    model: FinetuneClassifier,
+    model: ScottViT,
     fit,
     val,
     test,

@@ -7,12 +7,14 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from timm.models.vision_transformer import Block
 
 from ..tokenizer import Tokenizer, gather_visible
 from .pos_embed import sincos_2d
 
-__all__ = ["Encoder", "build_encoder", "CONTEXT_MODES", "GLOBAL_POOLS", "pool_tokens", "init_transformer_", "touch"]
+__all__ = ["Encoder", "build_encoder", "encoder_kwargs", "ARCH_KEYS", "CONTEXT_MODES", "GLOBAL_POOLS",
+           "pool_tokens", "init_transformer_", "touch"]
 
 CONTEXT_MODES = ("all", "visible")
 #: How patch tokens become one feature vector: ``avg`` (mean over tokens, I-JEPA's), ``gridK``
@@ -70,11 +72,19 @@ def touch(x: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
     return x
 
 
-def make_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float) -> nn.ModuleList:
-    """``depth`` pre-norm transformer blocks (timm ``Block``, qkv bias, LayerNorm eps 1e-6)."""
+def make_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float, drop_path_rate: float = 0.0) -> nn.ModuleList:
+    """``depth`` pre-norm transformer blocks (timm ``Block``, qkv bias, LayerNorm eps 1e-6);
+    stochastic depth rising linearly from 0 to ``drop_path_rate`` (0: none, the default)."""
     norm = partial(nn.LayerNorm, eps=1e-6)
-    return nn.ModuleList([Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm)
-                          for _ in range(depth)])
+    rates = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
+    return nn.ModuleList([Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm,
+                                drop_path=rate) for rate in rates])
+
+
+#: Encoder arguments that fix what its parameters mean (an export loads only into an encoder that
+#: agrees on all of them); ``img_size``, ``in_chans``, ``backend`` and ``global_pool`` do not.
+ARCH_KEYS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "tokenizer", "hidden_dim",
+             "token_norm", "tokenizer_masking")
 
 
 class Encoder(nn.Module):
@@ -93,12 +103,16 @@ class Encoder(nn.Module):
 
     The tokenizer backend can be switched at any time through :attr:`backend` (parameters do
     not depend on it); the target encoder of MIM-JEPA uses ``"dense"`` for full images.
+    Positions are computed for the grid of every input, so any image size divisible by the patch
+    size works; ``set_input_size`` changes the nominal size (``grid_size``, ``num_patches``).
+    ``arch`` holds the construction arguments (recipe ``model`` vocabulary). The timm classifier
+    around it is :class:`scott.models.timm_family.ScottViT`.
     """
 
     def __init__(self, img_size=224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 384,
                  depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0, tokenizer: str = "scott",
                  backend: str = "auto", hidden_dim: int = 64, token_norm: bool = True,
-                 tokenizer_masking: str = "sparse", global_pool: str = "avg"):
+                 tokenizer_masking: str = "sparse", global_pool: str = "avg", drop_path_rate: float = 0.0):
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
@@ -121,7 +135,12 @@ class Encoder(nn.Module):
         self.in_chans = self.tokenizer.in_chans
         self.register_buffer("pos_embed", sincos_2d(*self.grid_size, self.embed_dim)[None], persistent=False)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
-        self.blocks = make_blocks(self.embed_dim, depth, num_heads, mlp_ratio)
+        self.blocks = make_blocks(self.embed_dim, depth, num_heads, mlp_ratio, drop_path_rate)
+        self.grad_checkpointing = False
+        self.arch = {"img_size": img_size, "patch_size": self.patch_size, "in_chans": self.in_chans,
+                     "embed_dim": self.embed_dim, "depth": int(depth), "num_heads": int(num_heads),
+                     "mlp_ratio": float(mlp_ratio), "tokenizer": tokenizer, "hidden_dim": int(hidden_dim),
+                     "token_norm": self.token_norm, "tokenizer_masking": tokenizer_masking}
         self.norm = nn.LayerNorm(self.embed_dim, eps=1e-6)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         init_transformer_(self.blocks, self.norm)
@@ -135,6 +154,16 @@ class Encoder(nn.Module):
     @backend.setter
     def backend(self, name: str) -> None:
         self.tokenizer.backend = name
+
+    def set_input_size(self, img_size=None, patch_size=None) -> None:
+        """New nominal image size (and patch size, ``patchify`` stack only): ``grid_size``,
+        ``num_patches`` and the cached positions follow (timm's ``set_input_size``)."""
+        self.tokenizer.set_input_size(img_size=img_size, patch_size=patch_size)
+        self.patch_size = self.tokenizer.patch_size
+        self.grid_size = tuple(self.tokenizer.grid_size)
+        self.num_patches = self.tokenizer.num_patches
+        self.arch.update(img_size=list(self.tokenizer.img_size), patch_size=self.patch_size)
+        self.pos_embed = sincos_2d(*self.grid_size, self.embed_dim)[None].to(self.pos_embed.device)
 
     # ------------------------------------------------------------------ forward
     def positions_for(self, images: torch.Tensor) -> torch.Tensor:
@@ -167,7 +196,10 @@ class Encoder(nn.Module):
             x = touch(x, self.mask_token)
         blocks = []
         for block in self.blocks:
-            x = block(x)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
             blocks.append(x)
         x = self.norm(x)
         out = (x, positions) if return_positions else x
@@ -186,14 +218,22 @@ class Encoder(nn.Module):
         return self.pool(self.forward(images), images)
 
 
+def encoder_kwargs(model_cfg: dict) -> dict:
+    """:class:`Encoder` keyword arguments from a recipe's ``model`` section (its defaults filled in)."""
+    cfg = dict(model_cfg)
+    return dict(img_size=cfg.get("img_size", 224), patch_size=cfg.get("patch_size", 16),
+                in_chans=cfg.get("in_chans", 3), embed_dim=cfg.get("embed_dim", 384),
+                depth=cfg.get("depth", 12), num_heads=cfg.get("num_heads", 6),
+                mlp_ratio=cfg.get("mlp_ratio", 4.0), tokenizer=cfg.get("tokenizer", "scott"),
+                backend=cfg.get("backend", "auto"), hidden_dim=cfg.get("hidden_dim", 64),
+                token_norm=cfg.get("token_norm", True),
+                tokenizer_masking=cfg.get("tokenizer_masking", "sparse"),
+                global_pool=cfg.get("global_pool", "avg"))
+
+
 def build_encoder(model_cfg: dict, backend: str | None = None) -> Encoder:
     """Encoder from the recipe's ``model`` section; ``backend`` overrides ``model.backend``."""
-    cfg = dict(model_cfg)
-    return Encoder(img_size=cfg.get("img_size", 224), patch_size=cfg.get("patch_size", 16),
-                   in_chans=cfg.get("in_chans", 3), embed_dim=cfg.get("embed_dim", 384),
-                   depth=cfg.get("depth", 12), num_heads=cfg.get("num_heads", 6),
-                   mlp_ratio=cfg.get("mlp_ratio", 4.0), tokenizer=cfg.get("tokenizer", "scott"),
-                   backend=backend or cfg.get("backend", "auto"), hidden_dim=cfg.get("hidden_dim", 64),
-                   token_norm=cfg.get("token_norm", True),
-                   tokenizer_masking=cfg.get("tokenizer_masking", "sparse"),
-                   global_pool=cfg.get("global_pool", "avg"))
+    kwargs = encoder_kwargs(model_cfg)
+    if backend:
+        kwargs["backend"] = backend
+    return Encoder(**kwargs)

@@ -50,6 +50,7 @@ def _to_pair(v) -> tuple[int, int] | None:
 
 
 MASKING_MODES = ("sparse", "leaky")
+OUTPUT_FORMATS = ("NLC", "NCHW", "NHWC")
 #: Backends whose CUDA path is not bit-reproducible (spconv's implicit GEMM, ``index_add_``).
 NONDETERMINISTIC_ON_CUDA = ("spconv", "tiles")
 
@@ -94,8 +95,17 @@ class Tokenizer(nn.Module):
         img_size: optional default image size (needed for ``num_patches`` / ``grid_size`` and by
             timm); forward accepts any size divisible by ``patch_size``.
         hidden_dim: width of the hidden conv of the named stacks.
+        output_fmt: ``"NLC"`` (default, ``[B, N, D]``), ``"NCHW"`` (``[B, D, gh, gw]``) or
+            ``"NHWC"`` (``[B, gh, gw, D]``, what timm's ``dynamic_img_size`` asks for).
+        strict_img_size: if true, ``forward`` accepts only ``img_size`` images (timm
+            ``PatchEmbed``'s check); by default any size divisible by ``patch_size`` is accepted.
         **kwargs: timm ``embed_layer`` keywords (``bias``, ``dynamic_img_pad``, ``device``,
-            ``dtype``, ...) are accepted; ``output_fmt`` "NCHW" returns ``[B, D, gh, gw]``.
+            ``dtype``, ...) are accepted.
+
+    timm conventions: ``img_size``, ``grid_size``, ``num_patches``, ``feat_ratio()``,
+    ``dynamic_feat_size()`` and ``set_input_size(img_size, patch_size)`` behave like those of
+    timm's ``PatchEmbed`` (a new patch size is possible only for the ``patchify`` stack, whose
+    weights are resampled as timm resamples its patch projection).
 
     ``forward(images [B, C, H, W], visible [B, H/P, W/P] bool or None) -> [B, N, D]``: N patches in
     row-major order; masked positions are exactly zero and a visible token depends only on
@@ -104,14 +114,14 @@ class Tokenizer(nn.Module):
 
     def __init__(self, embed_dim: int = 384, patch_size: int = 16, in_chans: int = 3,
                  stack: str | Sequence = "scott", backend: str = "auto", img_size=None,
-                 hidden_dim: int = 64, output_fmt: str = "NLC", masking: str = "sparse", **kwargs):
+                 hidden_dim: int = 64, output_fmt: str | None = "NLC", masking: str = "sparse",
+                 strict_img_size: bool = False, **kwargs):
         super().__init__()
         device = kwargs.pop("device", None)
         dtype = kwargs.pop("dtype", None)
         if kwargs.pop("dynamic_img_pad", False):
             raise ValueError("Tokenizer does not pad images; use an image size divisible by the patch size")
         kwargs.pop("bias", None)  # timm passes bias for its linear patch embed; stacks define their own
-        kwargs.pop("strict_img_size", None)
         kwargs.pop("flatten", None)
         kwargs.pop("norm_layer", None)
         if kwargs:
@@ -120,8 +130,9 @@ class Tokenizer(nn.Module):
             if len(set(patch_size)) != 1:
                 raise ValueError(f"patch_size must be square, got {patch_size}")
             patch_size = patch_size[0]
-        if output_fmt not in ("NLC", "NCHW"):
-            raise ValueError(f"output_fmt must be 'NLC' or 'NCHW', got {output_fmt!r}")
+        output_fmt = "NLC" if output_fmt is None else str(getattr(output_fmt, "value", output_fmt))
+        if output_fmt not in OUTPUT_FORMATS:
+            raise ValueError(f"output_fmt must be one of {OUTPUT_FORMATS}, got {output_fmt!r}")
         if masking not in MASKING_MODES:
             raise ValueError(f"masking must be one of {MASKING_MODES}, got {masking!r}")
         self.masking = masking
@@ -129,6 +140,7 @@ class Tokenizer(nn.Module):
         self.patch_size = int(patch_size)
         self.in_chans = int(in_chans)
         self.output_fmt = output_fmt
+        self.strict_img_size = bool(strict_img_size)
         self.stack_name = stack if isinstance(stack, str) else "custom"
         self.layers = build_stack(stack, self.in_chans, self.embed_dim, self.patch_size, hidden_dim)
         if device is not None or dtype is not None:
@@ -156,6 +168,47 @@ class Tokenizer(nn.Module):
 
     def dynamic_feat_size(self, img_size) -> tuple[int, int]:
         return img_size[0] // self.patch_size, img_size[1] // self.patch_size
+
+    def set_input_size(self, img_size=None, patch_size=None) -> None:
+        """New nominal image size (and, for the ``patchify`` stack only, patch size), as timm's
+        ``PatchEmbed.set_input_size``: ``img_size``/``grid_size``/``num_patches`` follow; the
+        parameters of a conv stack do not depend on the image size, so they are unchanged."""
+        size = _to_pair(img_size) if img_size is not None else self.img_size
+        if patch_size is not None:
+            new_patch = _to_pair(patch_size)
+            if new_patch[0] != new_patch[1]:
+                raise ValueError(f"patch_size must be square, got {patch_size}")
+            if new_patch[0] != self.patch_size:
+                if size is not None and (size[0] % new_patch[0] or size[1] % new_patch[0]):
+                    raise ValueError(f"image size {size[0]}x{size[1]} is not divisible by the patch size "
+                                     f"{new_patch[0]}")
+                self._resample_patch(new_patch[0])
+        if size is not None:
+            self._check_size(*size)
+        self.img_size = size
+
+    def _resample_patch(self, new: int) -> None:
+        """Resize the one patchify conv to ``new`` x ``new`` patches (timm's pseudo-inverse resampling)."""
+        if self.stack_name != "patchify" or len(self.layers) != 1:
+            raise ValueError(f"the patch size of a '{self.stack_name}' stack is fixed by its strides; "
+                             "only the 'patchify' stack can change patch size")
+        from timm.layers import resample_patch_embed
+
+        from .layers import Conv
+
+        old = self.layers[0]
+        conv = Conv(old.in_channels, old.out_channels, new, new, bias=old.bias is not None, init="default")
+        conv = conv.to(device=old.weight.device, dtype=old.weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(resample_patch_embed(old.weight, [new, new]))
+            if old.bias is not None:
+                conv.bias.copy_(old.bias)
+        conv.weight.requires_grad_(old.weight.requires_grad)
+        if old.bias is not None:
+            conv.bias.requires_grad_(old.bias.requires_grad)
+        conv.train(old.training)
+        self.layers[0] = conv
+        self.patch_size = new
 
     # ----------------------------------------------------------------------- backend choice
     @property
@@ -197,6 +250,9 @@ class Tokenizer(nn.Module):
             raise ValueError(f"expected images with {self.in_chans} channels [B, {self.in_chans}, H, W]; "
                              f"got shape {tuple(images.shape)}")
         self._check_size(h, w)
+        if self.strict_img_size and self.img_size is not None and (h, w) != self.img_size:
+            raise ValueError(f"image size {h}x{w} does not match the model's {self.img_size[0]}x{self.img_size[1]} "
+                             "(strict_img_size; timm: create the model with dynamic_img_size=True)")
         if visible is not None:
             expected = (b, h // self.patch_size, w // self.patch_size)
             if visible.dtype != torch.bool:
@@ -218,6 +274,8 @@ class Tokenizer(nn.Module):
             out = _backend_module(name).run(self.layers, images, visible)  # [B, D, gh, gw]
         if self.output_fmt == "NCHW":
             return out.contiguous()
+        if self.output_fmt == "NHWC":
+            return out.permute(0, 2, 3, 1).contiguous()
         return out.flatten(2).transpose(1, 2).contiguous()
 
     def extra_repr(self) -> str:
