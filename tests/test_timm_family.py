@@ -224,7 +224,25 @@ def test_no_weight_decay_and_timm_optimizer_factory():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert float(F.cross_entropy(model(x), y)) < first
+    with torch.no_grad():
+        assert float(F.cross_entropy(model(x), y)) < first
+
+
+def test_timm_training_switches_drop_path_and_grad_checkpointing():
+    torch.manual_seed(0)
+    model = timm.create_model("scott_vit_cpu", num_classes=3, drop_path_rate=0.2, **{**TINY_ARGS, "depth": 3})
+    assert [b.drop_path1.drop_prob if hasattr(b.drop_path1, "drop_prob") else 0.0 for b in model.encoder.blocks] \
+        == pytest.approx([0.0, 0.1, 0.2])
+    model.eval()  # no drop path: checkpointed and plain runs must agree, gradients included
+    x = torch.randn(2, 1, 16, 16)
+    grads = []
+    for enable in (False, True):
+        model.set_grad_checkpointing(enable)
+        model.zero_grad()
+        out = model(x)
+        out.square().sum().backward()
+        grads.append((out.detach(), model.encoder.blocks[0].attn.qkv.weight.grad.clone()))
+    assert torch.allclose(grads[0][0], grads[1][0]) and torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
 
 
 def test_set_input_size_and_dynamic_size():
