@@ -124,11 +124,10 @@ def row_overrides(args, row: str, seed: int) -> list[str]:
     return sets
 
 
-def eval_recipe(args, recipe: dict) -> dict:
+def eval_recipe(args, recipe):
     """The recipe evaluation reads: the pretraining data, restricted to ``--eval-classes``."""
-    out = json.loads(json.dumps(recipe))
-    out["data"]["classes"] = list(args.eval_classes) if args.eval_classes else None
-    return out
+    classes = list(args.eval_classes) if args.eval_classes else None
+    return recipe.with_overrides([f"data.classes={'null' if classes is None else classes}"])
 
 
 # ----------------------------------------------------------------------------- pretraining
@@ -139,13 +138,11 @@ def _median_seconds_per_image(run_dir: Path) -> float:
     return float(np.median(times))
 
 
-def steps_for_budget(recipe: dict, budget_s: float, scratch: Path) -> tuple[int, float]:
+def steps_for_budget(recipe, budget_s: float, scratch: Path) -> tuple[int, float]:
     """(steps that fit ``budget_s``, measured images/s) from a short calibration run."""
     from scott.train import pretrain
 
-    cal = json.loads(json.dumps(recipe))
-    cal["train"]["max_steps"] = CALIBRATION_STEPS
-    cal["train"]["checkpoint_every"] = 10 ** 9
+    cal = recipe.with_overrides([f"train.max_steps={CALIBRATION_STEPS}", f"train.checkpoint_every={10 ** 9}"])
     if scratch.exists():
         import shutil
 
@@ -171,8 +168,7 @@ def pretrain_row(args, row: str, seed: int, out: Path, log) -> dict:
     else:
         steps, ips = steps_for_budget(recipe, 60.0 * args.budget_minutes, out / "_calibration")
         info["calibration_images_per_s"] = ips
-    recipe["train"]["max_steps"] = steps
-    recipe["train"]["checkpoint_every"] = max(1, steps // 4)
+    recipe = recipe.with_overrides([f"train.max_steps={steps}", f"train.checkpoint_every={max(1, steps // 4)}"])
     log(f"[bold]{row}[/] seed {seed}: pretraining {steps} steps")
     if run_dir.exists():
         import shutil
@@ -469,7 +465,7 @@ def main(argv=None):
     console.print(rich_table(summary, title, cols))
     record = {
         "command": "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-        "recipe_file": args.recipe, "recipe": base, "data": base["data"]["name"], "regime": regime_name(args), "budget_minutes": args.budget_minutes,
+        "recipe_file": args.recipe, "recipe": base.to_dict(), "data": base["data"]["name"], "regime": regime_name(args), "budget_minutes": args.budget_minutes,
         "steps": args.steps, "seeds": {r: len(records) for r, records in rows.items()}, "label_counts": args.label_counts, "draws": args.draws,
         "cpu": cpu_model(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "n_pretrain_images": len(build_pretrain_dataset(base["data"])), "knn_k": KNN_K,

@@ -1,8 +1,10 @@
 """Recipe schema, loading, validation and ``--set`` overrides.
 
-This module is the ONE place where recipes are checked. Everything downstream may rely on
-``load_recipe`` returning a complete nested dict of the documented keys with the documented
-types (see docs/architecture.md, "Recipe schema").
+This module is the ONE place where recipes are checked and where keys get their defaults
+(``SCHEMA``). ``load_recipe`` returns a complete, frozen, typed :class:`scott.recipe.Recipe`
+(sections are attribute objects that also read as mappings; see docs/architecture.md,
+"Recipe schema"); library builders take a section through :func:`as_section`, so nothing
+downstream re-defaults a key.
 
 Rules:
 
@@ -43,11 +45,12 @@ __all__ = [
     "default_recipe",
     "format_recipe",
     "parse_override",
+    "as_section",
     "run_cli",
 ]
 
 
-class RecipeError(Exception):
+class RecipeError(ValueError):
     """A recipe could not be loaded; the message names the file and the offending key."""
 
 
@@ -127,7 +130,7 @@ SCHEMA: Mapping[str, Mapping[str, Field]] = {
         "patch_size": _pos_int(16),
         "in_chans": Field("choice", 3, choices=(1, 3)),
         "embed_dim": _pos_int(384),
-        "depth": _pos_int(12),
+        "depth": _nonneg_int(12),  # 0: no transformer blocks (the tokenizer alone; an ablation)
         "num_heads": _pos_int(6),
         "mlp_ratio": _pos_float(4.0),
         "hidden_dim": _pos_int(64),
@@ -230,7 +233,7 @@ def default_recipe() -> dict:
     return recipe
 
 
-def load_recipe(path, overrides: Iterable[str] = (), check_data: bool = True) -> dict:
+def load_recipe(path, overrides: Iterable[str] = (), check_data: bool = True):
     """Load, validate and complete the recipe at ``path``.
 
     Args:
@@ -240,8 +243,8 @@ def load_recipe(path, overrides: Iterable[str] = (), check_data: bool = True) ->
             inspect a recipe on a machine without its data).
 
     Returns:
-        nested dict with every default filled and ``recipe["name"]`` = file stem (or the file's
-        top-level ``name``).
+        a frozen :class:`scott.recipe.Recipe` with every default filled and ``recipe.name`` =
+        file stem (or the file's top-level ``name``).
 
     Raises:
         RecipeError: one message naming the file and the key.
@@ -274,8 +277,9 @@ def resolve_recipe(
     overrides: Iterable[str] = (),
     check_data: bool = True,
     name: str = "recipe",
-) -> dict:
-    """Validate an already parsed recipe mapping (e.g. from a checkpoint) and fill defaults.
+):
+    """Validate an already parsed recipe mapping (e.g. from a checkpoint) and fill defaults;
+    returns a frozen :class:`scott.recipe.Recipe`.
 
     ``source`` is the label used in error messages; ``name`` is used when ``raw`` has no
     top-level ``name``.
@@ -308,16 +312,43 @@ def resolve_recipe(
 
     for (section, key), (value, where) in entries.items():
         recipe[section][key] = _check_value(section, key, value, where)
-    explicit = set(entries)
 
-    _apply_size_preset(recipe, explicit)
-    if recipe["model"]["predictor_dim"] is None:
-        recipe["model"]["predictor_dim"] = recipe["model"]["embed_dim"]
-    _check_cross_fields(recipe, source)
-    _check_eval_split(recipe["data"], source)
+    _complete_model(recipe["model"], {key for section, key in entries if section == "model"})
+    for section in SCHEMA:
+        _section_rules(section, recipe[section], source)
+    _between_sections_rules(recipe, source)
     if check_data:
         _check_data_folder(recipe, source)
-    return recipe
+    from scott.recipe import Recipe
+
+    return Recipe.from_resolved(recipe)
+
+
+def as_section(section: str, body: Mapping, source: str | None = None):
+    """The typed ``section`` (e.g. ``"model"``) from a section object or a mapping.
+
+    A mapping may be partial: missing keys take the schema's defaults, every key is checked
+    like a recipe's, and the section's own rules apply (the rules between sections need a
+    whole recipe: :func:`resolve_recipe`). Library entry points (``build_encoder``,
+    ``build_mask_generator``, ...) call this, so they never re-default a key themselves.
+    """
+    from scott.recipe import SECTION_TYPES
+
+    if section not in SCHEMA:
+        raise ValueError(f"unknown recipe section {section!r}")
+    cls = SECTION_TYPES[section]
+    if isinstance(body, cls):
+        return body
+    if not isinstance(body, Mapping):
+        raise TypeError(f"the {section} section must be a mapping, got {type(body).__name__}")
+    source = source or f"<{section} section>"
+    values = {k: copy.deepcopy(f.default) for k, f in SCHEMA[section].items()}
+    for key, value in body.items():
+        values[key] = _check_value(section, key, value, source)
+    if section == "model":
+        _complete_model(values, set(body))
+    _section_rules(section, values, source)
+    return cls(**values)
 
 
 def parse_override(text: str, source: str = "<overrides>") -> tuple[str, str, Any]:
@@ -593,17 +624,9 @@ def _check_custom_stack(stack: list, model: Mapping, source: str) -> None:
                           f"but model.embed_dim is {model['embed_dim']}")
 
 
-def _apply_size_preset(recipe: dict, explicit: set[tuple[str, str]]) -> None:
-    model = recipe["model"]
-    if model["size"] is None:
-        return
-    for key, value in zip(_PRESET_KEYS, SIZE_PRESETS[model["size"]]):
-        if ("model", key) not in explicit:
-            model[key] = value
-
-
-def _check_cross_fields(recipe: dict, source: str) -> None:
-    model, mask, optim, objective = recipe["model"], recipe["mask"], recipe["optim"], recipe["objective"]
+# Rules between keys. Each section's own rules sit together (they also check a section built on
+# its own by :func:`as_section`); the rules between sections run on whole recipes only.
+def _model_rules(model: Mapping, source: str) -> None:
     if model["img_size"] % model["patch_size"]:
         raise RecipeError(
             f"{source}: model.img_size: {model['img_size']} is not divisible by "
@@ -632,12 +655,9 @@ def _check_cross_fields(recipe: dict, source: str) -> None:
             f"{source}: model.patch_size: the '{stack}' tokenizer stack has patch size {allowed}, "
             f"got {model['patch_size']}"
         )
-    num_patches = (model["img_size"] // model["patch_size"]) ** 2
-    if mask["kind"] == "blockwise" and mask["min_block"] > num_patches:
-        raise RecipeError(
-            f"{source}: mask.min_block: {mask['min_block']} patches is more than the "
-            f"{num_patches} patches of a {model['img_size']} px image"
-        )
+
+
+def _objective_rules(objective: Mapping, source: str) -> None:
     if objective["global_weight"] > 0 and objective["name"] != "mimjepa":
         raise RecipeError(
             f"{source}: objective.global_weight: the global term regresses MIM-JEPA's target tokens; "
@@ -648,16 +668,14 @@ def _check_cross_fields(recipe: dict, source: str) -> None:
             f"{source}: objective.dino_weight: self-distillation uses MIM-JEPA's EMA target encoder "
             f"as its teacher; objective.name {objective['name']!r} has none (set it to 0)"
         )
-    if objective["target_layers"] > model["depth"]:
-        raise RecipeError(
-            f"{source}: objective.target_layers: {objective['target_layers']} is more than the "
-            f"model.depth of {model['depth']} blocks"
-        )
     if objective["ema_start"] > objective["ema_end"]:
         raise RecipeError(
             f"{source}: objective.ema_start: {objective['ema_start']} is larger than "
             f"objective.ema_end {objective['ema_end']}"
         )
+
+
+def _optim_rules(optim: Mapping, source: str) -> None:
     if optim["batch_size"] % optim["accum_steps"]:
         raise RecipeError(
             f"{source}: optim.batch_size: global batch {optim['batch_size']} is not divisible by "
@@ -668,6 +686,38 @@ def _check_cross_fields(recipe: dict, source: str) -> None:
             f"{source}: optim.lr: peak lr {optim['lr']} is below optim.start_lr "
             f"{optim['start_lr']} or optim.min_lr {optim['min_lr']}"
         )
+
+
+def _between_sections_rules(recipe: Mapping, source: str) -> None:
+    model, mask, objective = recipe["model"], recipe["mask"], recipe["objective"]
+    num_patches = (model["img_size"] // model["patch_size"]) ** 2
+    if mask["kind"] == "blockwise" and mask["min_block"] > num_patches:
+        raise RecipeError(
+            f"{source}: mask.min_block: {mask['min_block']} patches is more than the "
+            f"{num_patches} patches of a {model['img_size']} px image"
+        )
+    if objective["target_layers"] > 1 and objective["target_layers"] > model["depth"]:
+        raise RecipeError(
+            f"{source}: objective.target_layers: {objective['target_layers']} is more than the "
+            f"model.depth of {model['depth']} blocks"
+        )
+
+
+def _complete_model(model: dict, explicit: set[str]) -> None:
+    """``model.size`` presets fill the keys the recipe leaves out; ``predictor_dim: null`` is embed_dim."""
+    if model["size"] is not None:
+        for key, value in zip(_PRESET_KEYS, SIZE_PRESETS[model["size"]]):
+            if key not in explicit:
+                model[key] = value
+    if model["predictor_dim"] is None:
+        model["predictor_dim"] = model["embed_dim"]
+
+
+def _section_rules(section: str, body: Mapping, source: str) -> None:
+    rule = {"data": _check_eval_split, "model": _model_rules, "objective": _objective_rules,
+            "optim": _optim_rules}.get(section)
+    if rule is not None:
+        rule(body, source)
 
 
 def _check_eval_split(data: Mapping, source: str) -> None:

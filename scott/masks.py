@@ -332,20 +332,20 @@ class MultiblockMask(MaskGenerator):
 MASK_KINDS = ("blockwise", "multiblock", "uniform")
 
 
-def build_mask_generator(mask_cfg: dict, grid: Sequence[int]) -> MaskGenerator:
-    """Mask generator for the recipe's ``mask`` section on a ``(gh, gw)`` patch grid."""
-    kind = mask_cfg.get("kind", "blockwise")
-    if kind == "blockwise":
-        return BlockwiseMask(grid, ratio=mask_cfg.get("ratio", 0.6), min_block=mask_cfg.get("min_block", 16),
-                             aspect=mask_cfg.get("aspect", (0.3, 3.3)))
-    if kind == "multiblock":
-        return MultiblockMask(grid, num_targets=mask_cfg.get("num_targets", 4),
-                              target_scale=mask_cfg.get("target_scale", (0.15, 0.2)),
-                              target_aspect=mask_cfg.get("target_aspect", (0.75, 1.5)),
-                              context_scale=mask_cfg.get("context_scale", (0.85, 1.0)))
-    if kind == "uniform":
-        return UniformMask(grid, ratio=mask_cfg.get("ratio", 0.6))
-    raise ValueError(f"unknown mask kind {kind!r}; choose one of {', '.join(MASK_KINDS)}")
+def build_mask_generator(mask_cfg, grid: Sequence[int]) -> MaskGenerator:
+    """Mask generator for the recipe's ``mask`` section (typed, or a mapping completed from the
+    schema by ``scott.config.as_section``) on a ``(gh, gw)`` patch grid."""
+    from scott.config import as_section
+
+    m = as_section("mask", mask_cfg)
+    if m.kind == "blockwise":
+        return BlockwiseMask(grid, ratio=m.ratio, min_block=m.min_block, aspect=m.aspect)
+    if m.kind == "multiblock":
+        return MultiblockMask(grid, num_targets=m.num_targets, target_scale=m.target_scale,
+                              target_aspect=m.target_aspect, context_scale=m.context_scale)
+    if m.kind == "uniform":
+        return UniformMask(grid, ratio=m.ratio)
+    raise ValueError(f"unknown mask kind {m.kind!r}; choose one of {', '.join(MASK_KINDS)}")  # pragma: no cover
 
 
 def masks_for_step(mask_gen: MaskGenerator, batch_size: int, seed: int, step: int, shard: int = 0) -> MaskBatch:

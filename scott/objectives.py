@@ -14,11 +14,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import as_section
 from .ema import update_ema
 from .self_distillation import SelfDistillation
 from .masks import MaskBatch
 from .models import build_encoder, build_predictor
-from .models.encoder import CONTEXT_MODES
 
 __all__ = ["MIMJEPA", "PixelObjective", "build_objective", "masked_loss", "patchify",
            "normalise_patches", "param_groups", "LOSSES"]
@@ -95,22 +95,18 @@ def param_groups(modules: dict[str, nn.Module], weight_decay: float) -> list[dic
 class _MaskedPrediction(nn.Module):
     """Context encoder + predictor; subclasses define the regression targets."""
 
-    def __init__(self, model_cfg: dict, objective_cfg: dict, predictor_out: int | None = None):
+    def __init__(self, model_cfg, objective_cfg, predictor_out: int | None = None):
         super().__init__()
-        self.context_tokens = model_cfg.get("context_tokens", "visible")
-        if self.context_tokens not in CONTEXT_MODES:
-            raise ValueError(f"model.context_tokens must be one of {CONTEXT_MODES}, got {self.context_tokens!r}")
-        self.loss_kind = objective_cfg.get("loss", "smooth_l1")
-        if self.loss_kind not in LOSSES:
-            raise ValueError(f"objective.loss must be one of {LOSSES}, got {self.loss_kind!r}")
-        self.num_masks = int(objective_cfg.get("num_masks", 1))
-        if self.num_masks < 1:
-            raise ValueError(f"objective.num_masks must be >= 1, got {self.num_masks}")
-        self.global_weight = float(objective_cfg.get("global_weight", 0.0))
-        self.global_view = objective_cfg.get("global_view", "same")
-        self.model_cfg = dict(model_cfg)
-        self.context_encoder = build_encoder(model_cfg)
-        self.predictor = build_predictor(model_cfg, self.context_encoder.grid_size, out_dim=predictor_out)
+        model = as_section("model", model_cfg)
+        objective = as_section("objective", objective_cfg)
+        self.context_tokens = model.context_tokens
+        self.loss_kind = objective.loss
+        self.num_masks = objective.num_masks
+        self.global_weight = objective.global_weight
+        self.global_view = objective.global_view
+        self.model_cfg = model
+        self.context_encoder = build_encoder(model)
+        self.predictor = build_predictor(model, self.context_encoder.grid_size, out_dim=predictor_out)
         # data2vec 2.0's global term: the mean of the context encoder's visible tokens, through
         # a linear head, regresses the mean of the image's target tokens. Built only when used,
         # so recipes without it keep their exact state dict.
@@ -121,14 +117,12 @@ class _MaskedPrediction(nn.Module):
             nn.init.zeros_(self.global_head.bias)
         # DINO-style cross-view self-distillation of the pooled tokens (MIM-JEPA only; built only
         # when used, so other recipes keep their exact state dict)
-        self.dino_weight = float(objective_cfg.get("dino_weight", 0.0))
+        self.dino_weight = objective.dino_weight
         self.distill = None
         if self.dino_weight > 0:
-            self.distill = SelfDistillation(
-                self.context_encoder.embed_dim, int(objective_cfg.get("dino_prototypes", 256)),
-                float(objective_cfg.get("dino_student_temp", 0.1)),
-                float(objective_cfg.get("dino_teacher_temp", 0.04)),
-                float(objective_cfg.get("dino_center_momentum", 0.9)))
+            self.distill = SelfDistillation(self.context_encoder.embed_dim, objective.dino_prototypes,
+                                            objective.dino_student_temp, objective.dino_teacher_temp,
+                                            objective.dino_center_momentum)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         modules = {"context_encoder": self.context_encoder, "predictor": self.predictor}
@@ -250,15 +244,16 @@ class MIMJEPA(_MaskedPrediction):
     sees the full ``images_tgt``, never receives gradients and always runs in eval mode.
     """
 
-    def __init__(self, model_cfg: dict, objective_cfg: dict):
+    def __init__(self, model_cfg, objective_cfg):
         super().__init__(model_cfg, objective_cfg)
-        self.center_targets = bool(objective_cfg.get("center_targets", False))
-        self.target_layers = int(objective_cfg.get("target_layers", 1))
+        objective = as_section("objective", objective_cfg)
+        self.center_targets = objective.center_targets
+        self.target_layers = objective.target_layers
         depth = len(self.context_encoder.blocks)
         if self.target_layers < 1 or (self.target_layers > 1 and self.target_layers > depth):
             raise ValueError(f"objective.target_layers must be 1 or in [2, model.depth={depth}], "
                              f"got {self.target_layers}")
-        self.target_encoder = build_encoder(model_cfg, backend="dense")
+        self.target_encoder = build_encoder(self.model_cfg, backend="dense")
         self.target_encoder.load_state_dict(self.context_encoder.state_dict())
         self.target_encoder.requires_grad_(False)
         self.target_encoder.eval()
@@ -303,10 +298,10 @@ class PixelObjective(_MaskedPrediction):
     predictor. Targets are the patches of ``images_ctx`` (the unmasked context view),
     per-patch normalised when ``norm_pix``; ``images_tgt`` is ignored."""
 
-    def __init__(self, model_cfg: dict, objective_cfg: dict):
-        p, c = int(model_cfg.get("patch_size", 16)), int(model_cfg.get("in_chans", 3))
-        super().__init__(model_cfg, objective_cfg, predictor_out=p * p * c)
-        self.norm_pix = bool(objective_cfg.get("norm_pix", True))
+    def __init__(self, model_cfg, objective_cfg):
+        model = as_section("model", model_cfg)
+        super().__init__(model, objective_cfg, predictor_out=model.patch_size ** 2 * model.in_chans)
+        self.norm_pix = as_section("objective", objective_cfg).norm_pix
 
     @torch.no_grad()
     def targets(self, images_ctx, images_tgt):
@@ -319,8 +314,5 @@ OBJECTIVES = {"mimjepa": MIMJEPA, "pixel": PixelObjective}
 
 def build_objective(recipe: dict) -> nn.Module:
     """The objective named by ``recipe["objective"]["name"]`` built from the ``model`` section."""
-    objective_cfg = recipe.get("objective", {})
-    name = objective_cfg.get("name", "mimjepa")
-    if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[name](recipe["model"], objective_cfg)
+    objective = as_section("objective", recipe["objective"] if "objective" in recipe else {})
+    return OBJECTIVES[objective.name](recipe["model"], objective)

@@ -160,8 +160,7 @@ def run_dir_with_root(tmp_path):
     def make(root: Path, extra=()):
         path = tmp_path / "run"
         path.mkdir()
-        recipe = load_recipe(DEMO, [*TINY, *extra], check_data=False)
-        recipe["data"]["root"] = str(root)
+        recipe = load_recipe(DEMO, [*TINY, *extra, f"data.root={root}"], check_data=False)
         (path / "recipe.yaml").write_text(format_recipe(recipe), encoding="utf-8")
         torch.manual_seed(0)
         for name in ("encoder", "context_encoder"):

@@ -172,7 +172,7 @@ def test_wrong_types(tmp_path, text, key, fragment):
         ("mask:\n  ratio: 0\n", "mask.ratio", "must be in (0, 1)"),
         ("data:\n  val_fraction: 1.5\n", "data.val_fraction", "must be in (0, 1)"),
         ("optim:\n  batch_size: 0\n", "optim.batch_size", "must be >= 1, got 0"),
-        ("model:\n  depth: -2\n", "model.depth", "must be >= 1, got -2"),
+        ("model:\n  depth: -2\n", "model.depth", "must be >= 0, got -2"),
         ("optim:\n  lr: 0\n", "optim.lr", "must be > 0"),
         ("data:\n  crop_scale: [0.9, 0.2]\n", "data.crop_scale", "first value must be <= second"),
         ("data:\n  crop_scale: [0.2, 1.5]\n", "data.crop_scale", "must be in (0, 1]"),

@@ -255,7 +255,7 @@ def test_build_pretrain_dataset_transductive_demo():
 
 
 def pretrain_ds(img_size=32, in_chans=3, augment="paper", target_view="jitter", seed=0):
-    recipe = default_recipe()
+    recipe = default_recipe()  # a plain dict of the defaults
     recipe["model"].update(img_size=img_size, in_chans=in_chans)
     recipe["data"].update(augment=augment)
     recipe["objective"].update(target_view=target_view)

@@ -138,9 +138,16 @@ def test_multiblock_visible_inside_context_scale():
     assert int(rows.max() - rows.min()) + 1 <= 7
 
 
-def test_unknown_kind():
-    with pytest.raises(ValueError, match="unknown mask kind"):
+def test_unknown_kind_and_keys_are_checked_by_the_schema():
+    with pytest.raises(ValueError, match="mask.kind: expected one of 'blockwise', 'multiblock', 'uniform'"):
         build_mask_generator({"kind": "random"}, GRID)
+    with pytest.raises(ValueError, match="unknown key 'mask.ration'; did you mean 'ratio'"):
+        build_mask_generator({"ration": 0.5}, GRID)
+    # a partial section takes the schema's defaults, never a second set
+    from scott.config import SCHEMA
+
+    gen = build_mask_generator({}, GRID)
+    assert gen.ratio == SCHEMA["mask"]["ratio"].default and gen.min_block == SCHEMA["mask"]["min_block"].default
 
 
 def test_mask_batch_validates():

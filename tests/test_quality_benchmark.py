@@ -106,8 +106,7 @@ def test_each_pretraining_row_builds_and_takes_a_step(row, tmp_path):
 
     args = quality.parse_args(["recipes/demo.yaml", "--steps", "1", "--subset", "40"] +
                               sum((["--set", s] for s in TINY_SETS), []))
-    recipe = load_recipe(ROOT / "recipes/demo.yaml", quality.row_overrides(args, row, seed=0))
-    recipe["train"]["max_steps"] = 1
+    recipe = load_recipe(ROOT / "recipes/demo.yaml", [*quality.row_overrides(args, row, seed=0), "train.max_steps=1"])
     torch.manual_seed(recipe["train"]["seed"])  # the run's initial weights
     before = build_objective(recipe).state_dict()
     summary = pretrain(recipe, tmp_path / row)

@@ -80,8 +80,7 @@ def test_run_start_says_when_the_ema_target_will_stay_near_its_init(tmp_path, ca
     recipe = tiny_recipe()  # 6 steps at momentum 0.996 -> 1: the target keeps ~99 % of its init
     _run(recipe, tmp_path / "short")
     assert "still keeps 99 % of its initial weights" in capsys.readouterr().out
-    fast = tiny_recipe()
-    fast["objective"].update(ema_start=0.5, ema_end=0.5)  # 0.5 ** 6 = 1.6 %: no note
+    fast = tiny_recipe(objective={"ema_start": 0.5, "ema_end": 0.5})  # 0.5 ** 6 = 1.6 %: no note
     _run(fast, tmp_path / "fast")
     assert "initial weights" not in capsys.readouterr().out
 
@@ -145,7 +144,7 @@ def test_fresh_run_refuses_folder_with_checkpoints(tmp_path):
 
 
 def test_indivisible_global_batch_is_an_error(tmp_path):
-    recipe = tiny_recipe(optim={"accum_steps": 2})
+    recipe = tiny_recipe(optim={"accum_steps": 2}).to_dict()
     recipe["optim"]["batch_size"] = 9  # scott.config rejects this too; the run checks processes x accum
     with pytest.raises(RunDirError, match="not divisible"):
         _run(recipe, tmp_path)

@@ -327,6 +327,13 @@ def available_splits(data_cfg: dict) -> tuple[str, ...]:
     return tuple(_SPLITS[data_cfg["name"]])
 
 
+def _data_section(data_cfg):
+    """The typed ``data`` section (a mapping is completed from the schema, one-line errors)."""
+    from scott.config import as_section
+
+    return as_section("data", data_cfg)
+
+
 def pretrain_split(data_cfg: dict) -> tuple[str, ...]:
     """Splits whose images are used for self-supervised pretraining.
 
@@ -334,8 +341,9 @@ def pretrain_split(data_cfg: dict) -> tuple[str, ...]:
     ``data.transductive: true`` the test images are added as well, with a loud warning: the
     model then sees (unlabelled) test images, as the official SCOTT code does.
     """
+    data_cfg = _data_section(data_cfg)
     splits = _PRETRAIN_SPLITS[data_cfg["name"]]
-    if data_cfg.get("transductive", False):
+    if data_cfg["transductive"]:
         log.warning(
             "TRANSDUCTIVE pretraining: data.transductive is true, the %s TEST images are used "
             "(without labels) for self-supervised pretraining; results are not comparable to "
@@ -352,6 +360,7 @@ def build_dataset(data_cfg: dict, split: str, transform: Callable | None = None,
     Items are ``(PIL image, int label)`` (or ``(transform(image), label)``). ``in_chans``
     (1 or 3) converts image channels; None keeps them.
     """
+    data_cfg = _data_section(data_cfg)
     name = data_cfg["name"]
     if name not in _SPLITS:
         raise DatasetError(f"unknown dataset '{name}'")
@@ -359,7 +368,7 @@ def build_dataset(data_cfg: dict, split: str, transform: Callable | None = None,
         hint = ("; probes carve a validation split from train with split_train_val"
                 if split == "val" else "")
         raise DatasetError(f"{name}: no split '{split}' (splits: {', '.join(_SPLITS[name])}){hint}")
-    root = Path(data_cfg["root"]).expanduser() if data_cfg.get("root") else None
+    root = Path(data_cfg["root"]).expanduser() if data_cfg["root"] else None
     parts = [_load_stored(name, root, stored, data_cfg, in_chans) for stored in _SPLITS[name][split]]
     dataset = parts[0] if len(parts) == 1 else LabeledConcat(parts, description=f"{name} {split}")
     dataset = _restrict(dataset, data_cfg, split)
@@ -371,26 +380,27 @@ def _restrict(dataset: LabeledDataset, data_cfg: dict, split: str) -> LabeledDat
     """Apply ``data.classes`` (every split) and ``data.train_subset`` (every split but test)."""
     from .subsets import class_indices, stratified_subset
 
-    classes, subset = data_cfg.get("classes"), data_cfg.get("train_subset")
+    classes, subset = data_cfg["classes"], data_cfg["train_subset"]
     index = np.arange(len(dataset))
     try:
         if classes:
             index = class_indices(dataset.labels, classes)
         if subset and split != "test":
             index = index[stratified_subset(dataset.labels[index], min(int(subset), len(index)),
-                                            int(data_cfg.get("subset_seed", 0)))]
+                                            data_cfg["subset_seed"])]
     except ValueError as exc:
         raise DatasetError(f"data.classes / data.train_subset on {dataset.description}: {exc}") from None
     if len(index) == len(dataset):
         return dataset
     what = [f"classes {sorted(classes)}"] if classes else []
-    what += [f"{len(index)} images (data.train_subset, seed {data_cfg.get('subset_seed', 0)})"] if subset and split != "test" else []
+    what += [f"{len(index)} images (data.train_subset, seed {data_cfg['subset_seed']})"] if subset and split != "test" else []
     return LabeledSubset(dataset, index, description=f"{dataset.description}, {', '.join(what)}")
 
 
 def build_pretrain_dataset(data_cfg: dict, transform: Callable | None = None,
                            in_chans: int | None = None) -> LabeledDataset:
     """All images of :func:`pretrain_split` in one dataset (labels kept, unused by pretraining)."""
+    data_cfg = _data_section(data_cfg)
     splits = pretrain_split(data_cfg)
     parts = [build_dataset(data_cfg, s, in_chans=in_chans) for s in splits]
     dataset = parts[0] if len(parts) == 1 else LabeledConcat(parts, description=f"{data_cfg['name']} {'+'.join(splits)}")
@@ -399,8 +409,8 @@ def build_pretrain_dataset(data_cfg: dict, transform: Callable | None = None,
 
 
 def _load_stored(name: str, root: Path | None, stored: str, data_cfg: dict, in_chans) -> LabeledDataset:
-    policy = data_cfg.get("on_bad_image", "error")
-    download = bool(data_cfg.get("download", False))
+    policy = data_cfg["on_bad_image"]
+    download = data_cfg["download"]
     if name in ("demo", "fashion_mnist"):
         return _fashion_mnist(name, root or default_root(name), stored, download and name != "demo", in_chans)
     if name in ("imagefolder", "imagenet100"):

@@ -95,16 +95,14 @@ def load_encoder(
     state, model_cfg, spec = _read_export(path)  # validates the file before anything is built
     from scott.models import build_encoder
 
-    if backend is not None:
-        model_cfg = {**model_cfg, "backend": backend}
-    encoder = build_encoder(model_cfg)
+    from scott.config import as_section
+
+    model = as_section("model", model_cfg, source=f"{path} (model metadata)")
+    encoder = build_encoder(model, backend=backend, eval_transform_spec=spec, source_path=str(path))
     try:
         encoder.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ValueError(f"{path}: weights do not match the architecture in its metadata: {exc}") from None
-    encoder.eval_transform_spec = spec
-    encoder.model_cfg = model_cfg
-    encoder.source_path = str(path)
     if device is not None:
         encoder.to(device)
     return encoder.eval()

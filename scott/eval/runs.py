@@ -90,15 +90,12 @@ def load_run_source(path: str | Path, which: str = "target", overrides: Sequence
 def random_init_source(recipe_path: str | Path, overrides: Sequence[str] = (), seed: int = 0,
                        device=None, backend: str | None = None) -> EvalSource:
     """An untrained encoder built from a recipe (weights drawn from ``seed``)."""
-    from scott.data.transforms import eval_transform_spec
     from scott.models import build_encoder
 
     recipe = _load_recipe(recipe_path, overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        encoder = build_encoder(recipe["model"], backend=backend)
-    encoder.eval_transform_spec = eval_transform_spec(recipe["model"])
-    encoder.model_cfg = dict(recipe["model"])
+        encoder = build_encoder(recipe["model"], backend=backend)  # with the recipe's eval transform
     if device is not None:
         encoder.to(device)
     return EvalSource(encoder.eval(), recipe, f"random-init encoder of {recipe_path} (seed {seed})",
@@ -212,7 +209,7 @@ def eval_datasets(recipe: dict, in_chans: int | None = None):
 
     data_cfg = recipe["data"]
     try:
-        return bank_and_queries(data_cfg, data_cfg.get("eval_split", "test"), int(recipe["train"]["seed"]),
+        return bank_and_queries(data_cfg, data_cfg["eval_split"], int(recipe["train"]["seed"]),
                                 in_chans=in_chans)
     except (DatasetError, FileNotFoundError) as exc:
         raise RecipeError(f"data {data_cfg['name']!r}: {exc}") from None
@@ -246,7 +243,7 @@ def _dataset_tags(source: EvalSource, dataset) -> list[str]:
     """Cache-key tags that tell datasets apart: size, the subset's indices and the data section."""
     import hashlib
 
-    h = hashlib.sha256(json.dumps(source.recipe["data"], sort_keys=True, default=str).encode())
+    h = hashlib.sha256(json.dumps(dict(source.recipe["data"]), sort_keys=True, default=str).encode())
     if isinstance(dataset, torch.utils.data.Subset):
         h.update(",".join(map(str, dataset.indices)).encode())
     return [f"n{len(dataset)}", h.hexdigest()[:12]]
@@ -256,7 +253,7 @@ def _dataset_tags(source: EvalSource, dataset) -> list[str]:
 def _bank_split(data_cfg: dict) -> str:
     from scott.data.eval_splits import eval_plan
 
-    plan = eval_plan(data_cfg["name"], data_cfg.get("eval_split", "test"))
+    plan = eval_plan(data_cfg["name"], data_cfg["eval_split"])
     return f"{plan.bank} (fit part)" if plan.carved else plan.bank
 
 
@@ -274,7 +271,7 @@ def result_record(tool: str, source: EvalSource, command: str, seed: int, n_trai
         **({"which": source.info["which"]} if "which" in source.info else {}),
         "data": data_cfg["name"],
         "train_split": _bank_split(data_cfg),
-        "test_split": data_cfg.get("eval_split", "test"),
+        "test_split": data_cfg["eval_split"],
         "command": command,
         "seed": seed,
         "recipe": source.recipe,
@@ -301,12 +298,18 @@ def default_json_path(source: EvalSource, tool: str) -> Path | None:
     return source.run_dir / "eval" / f"{tool}_{source.info.get('which', 'target')}.json"
 
 
+def _plain(value):
+    """JSON fallback: recipes and their sections as dicts (``to_dict``), anything else as text."""
+    to_dict = getattr(value, "to_dict", None)
+    return to_dict() if callable(to_dict) else str(value)
+
+
 def write_json(path: str | Path, record: dict) -> Path:
     """Write ``record`` as indented JSON (parents created, atomic rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=False, default=_plain) + "\n", encoding="utf-8")
     tmp.replace(path)
     return path
 

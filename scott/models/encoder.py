@@ -112,8 +112,14 @@ class Encoder(nn.Module):
     def __init__(self, img_size=224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 384,
                  depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0, tokenizer: str = "scott",
                  backend: str = "auto", hidden_dim: int = 64, token_norm: bool = True,
-                 tokenizer_masking: str = "sparse", global_pool: str = "avg", drop_path_rate: float = 0.0):
+                 tokenizer_masking: str = "sparse", global_pool: str = "avg", drop_path_rate: float = 0.0,
+                 model_cfg=None, eval_transform_spec: dict | None = None, source_path: str | None = None):
         super().__init__()
+        # Metadata, set here (by build_encoder / scott.eval.load_encoder), never patched on later:
+        # the recipe's model section, the evaluation transform and the file it was loaded from.
+        self.model_cfg = model_cfg
+        self.eval_transform_spec = dict(eval_transform_spec) if eval_transform_spec is not None else None
+        self.source_path = source_path
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         if global_pool not in GLOBAL_POOLS:
@@ -218,22 +224,31 @@ class Encoder(nn.Module):
         return self.pool(self.forward(images), images)
 
 
-def encoder_kwargs(model_cfg: dict) -> dict:
-    """:class:`Encoder` keyword arguments from a recipe's ``model`` section (its defaults filled in)."""
-    cfg = dict(model_cfg)
-    return dict(img_size=cfg.get("img_size", 224), patch_size=cfg.get("patch_size", 16),
-                in_chans=cfg.get("in_chans", 3), embed_dim=cfg.get("embed_dim", 384),
-                depth=cfg.get("depth", 12), num_heads=cfg.get("num_heads", 6),
-                mlp_ratio=cfg.get("mlp_ratio", 4.0), tokenizer=cfg.get("tokenizer", "scott"),
-                backend=cfg.get("backend", "auto"), hidden_dim=cfg.get("hidden_dim", 64),
-                token_norm=cfg.get("token_norm", True),
-                tokenizer_masking=cfg.get("tokenizer_masking", "sparse"),
-                global_pool=cfg.get("global_pool", "avg"))
+def encoder_kwargs(model_cfg) -> dict:
+    """:class:`Encoder` keyword arguments from a recipe's ``model`` section (a typed section or a
+    mapping, completed from the schema by ``scott.config.as_section``)."""
+    from scott.config import as_section
+
+    m = as_section("model", model_cfg)
+    return dict(img_size=m.img_size, patch_size=m.patch_size, in_chans=m.in_chans, embed_dim=m.embed_dim,
+                depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, tokenizer=m.tokenizer,
+                backend=m.backend, hidden_dim=m.hidden_dim, token_norm=m.token_norm,
+                tokenizer_masking=m.tokenizer_masking, global_pool=m.global_pool)
 
 
-def build_encoder(model_cfg: dict, backend: str | None = None) -> Encoder:
-    """Encoder from the recipe's ``model`` section; ``backend`` overrides ``model.backend``."""
-    kwargs = encoder_kwargs(model_cfg)
+def build_encoder(model_cfg, backend: str | None = None, eval_transform_spec: dict | None = None,
+                  source_path: str | None = None) -> Encoder:
+    """Encoder from the recipe's ``model`` section; ``backend`` overrides ``model.backend``.
+
+    The encoder carries its metadata: ``model_cfg`` (the typed section, backend included),
+    ``eval_transform_spec`` (given, else the section's default evaluation transform) and
+    ``source_path`` (the file it was loaded from, if any).
+    """
+    from scott.config import as_section
+    from scott.data.transforms import eval_transform_spec as default_spec
+
+    model = as_section("model", model_cfg)
     if backend:
-        kwargs["backend"] = backend
-    return Encoder(**kwargs)
+        model = as_section("model", {**model, "backend": backend})
+    spec = eval_transform_spec if eval_transform_spec is not None else default_spec(model)
+    return Encoder(**encoder_kwargs(model), model_cfg=model, eval_transform_spec=spec, source_path=source_path)

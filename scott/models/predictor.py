@@ -72,9 +72,11 @@ class Predictor(nn.Module):
         return out[:, nc:] if query_positions is not None else out
 
 
-def build_predictor(model_cfg: dict, grid_size, out_dim: int | None = None) -> Predictor:
-    """Predictor from the recipe's ``model`` section (``predictor_depth``, ``predictor_dim``)."""
-    embed_dim = int(model_cfg.get("embed_dim", 384))
-    return Predictor(grid_size, embed_dim, predictor_dim=model_cfg.get("predictor_dim") or embed_dim,
-                     depth=int(model_cfg.get("predictor_depth", 3)), num_heads=int(model_cfg.get("num_heads", 6)),
-                     mlp_ratio=float(model_cfg.get("mlp_ratio", 4.0)), out_dim=out_dim)
+def build_predictor(model_cfg, grid_size, out_dim: int | None = None) -> Predictor:
+    """Predictor from the recipe's ``model`` section (``predictor_depth``, ``predictor_dim``;
+    typed, or a mapping completed by ``scott.config.as_section``)."""
+    from scott.config import as_section
+
+    m = as_section("model", model_cfg)
+    return Predictor(grid_size, m.embed_dim, predictor_dim=m.predictor_dim, depth=m.predictor_depth,
+                     num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, out_dim=out_dim)
