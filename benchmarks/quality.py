@@ -47,7 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from scott.config import RecipeError, load_recipe, run_cli  # noqa: E402
+from scott.cli import run_cli  # noqa: E402
+from scott.config import RecipeError, load_recipe  # noqa: E402
 
 PRETRAIN_ROWS = {
     "ours": [],

@@ -21,7 +21,7 @@ Rules:
   recipe written by :func:`format_recipe` loads back unchanged.
 
 CLIs catch :class:`RecipeError`, print it to stderr and exit with status 2;
-:func:`run_cli` does exactly that.
+:func:`scott.cli.run_cli` does exactly that.
 """
 
 from __future__ import annotations
@@ -30,10 +30,9 @@ import copy
 import difflib
 import math
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import yaml
 
@@ -46,7 +45,6 @@ __all__ = [
     "format_recipe",
     "parse_override",
     "as_section",
-    "run_cli",
 ]
 
 
@@ -395,19 +393,6 @@ def _represent_list(dumper: yaml.SafeDumper, data: list):
 
 _RecipeDumper.add_representer(list, _represent_list)
 _RecipeDumper.add_representer(tuple, _represent_list)
-
-
-def run_cli(main: Callable[[], Any]) -> None:
-    """Run a CLI ``main()``; on :class:`RecipeError` print ``error: ...`` to stderr and exit 2.
-
-    Any other return value of ``main`` is used as the exit status (None -> 0).
-    """
-    try:
-        status = main()
-    except RecipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(status or 0)
 
 
 # ---------------------------------------------------------------------------------------------

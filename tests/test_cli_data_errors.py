@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 
 from scott.checkpoint import export_encoder
-from scott.config import format_recipe, load_recipe, run_cli
+from scott.cli import run_cli
+from scott.config import format_recipe, load_recipe
 from scott.data.datasets import BadImageError, ImageFileDataset, scan_image_folder
 from scott.data.transforms import eval_transform_spec
 from scott.models import build_encoder

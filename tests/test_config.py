@@ -12,8 +12,8 @@ from scott.config import (
     format_recipe,
     load_recipe,
     parse_override,
-    run_cli,
 )
+from scott.cli import run_cli
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 

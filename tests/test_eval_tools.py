@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from scott.checkpoint import export_encoder
-from scott.config import format_recipe, load_recipe, run_cli
+from scott.cli import run_cli
+from scott.config import format_recipe, load_recipe
 from scott.data.transforms import eval_transform_spec
 from scott.models import build_encoder
 

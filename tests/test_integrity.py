@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from scott import checkpoint as ck
-from scott.config import run_cli
+from scott.cli import run_cli
 from scott.train import CheckpointWriteError, pretrain
 from train_helpers import tiny_components, tiny_recipe, one_torch_thread  # noqa: F401 (autouse: 1 thread)
 

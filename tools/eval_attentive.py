@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rich.console import Console  # noqa: E402
 
-from scott.config import run_cli  # noqa: E402
+from scott.cli import run_cli  # noqa: E402
 from scott.eval.attentive import DEFAULT_LRS, attentive_grid, attentive_probe  # noqa: E402
 from scott.eval.runs import (  # noqa: E402
     add_source_args, command_line, default_cache_dir, log_probe_candidate, probe_features, report_probe,

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from scott.config import run_cli  # noqa: E402
+from scott.cli import run_cli  # noqa: E402
 from scott.eval.knn import knn_classify_many  # noqa: E402
 from scott.eval.runs import (  # noqa: E402
     add_pool_arg, add_source_args, command_line, default_json_path, eval_datasets, features_for, limit_dataset,

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rich.console import Console  # noqa: E402
 
-from scott.config import run_cli  # noqa: E402
+from scott.cli import run_cli  # noqa: E402
 from scott.eval.linear import DEFAULT_EPOCHS, DEFAULT_LRS, linear_grid, linear_probe  # noqa: E402
 from scott.eval.runs import (  # noqa: E402
     add_pool_arg, add_source_args, command_line, default_cache_dir, log_probe_candidate, probe_features, report_probe,

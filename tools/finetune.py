@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rich.console import Console  # noqa: E402
 
-from scott.config import RecipeError, run_cli  # noqa: E402
+from scott.cli import run_cli  # noqa: E402
+from scott.config import RecipeError  # noqa: E402
 from scott.data.datasets import split_train_val  # noqa: E402
 from scott.eval.features import EvalView, encoder_in_chans, resolve_transform  # noqa: E402
 from scott.eval.finetune import FlipView, finetune  # noqa: E402

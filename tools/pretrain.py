@@ -89,6 +89,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from scott.config import run_cli
+    from scott.cli import run_cli
 
     run_cli(main)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scott.config import RecipeError, run_cli  # noqa: E402
+from scott.cli import run_cli  # noqa: E402
+from scott.config import RecipeError  # noqa: E402
 from scott.viz import write_run_figures  # noqa: E402
 
 
