@@ -18,10 +18,11 @@ from .config import as_section
 from .ema import update_ema
 from .self_distillation import SelfDistillation
 from .masks import MaskBatch
+from .optim_groups import param_groups
 from .models import build_encoder, build_predictor
 
 __all__ = ["MIMJEPA", "PixelObjective", "build_objective", "masked_loss", "patchify",
-           "normalise_patches", "param_groups", "LOSSES"]
+           "normalise_patches", "LOSSES"]
 
 LOSSES = ("smooth_l1", "l2")
 
@@ -75,23 +76,6 @@ def _indices(mask_flat: torch.Tensor) -> torch.Tensor:
     return mask_flat.nonzero()[:, 1].reshape(b, -1)
 
 
-def _no_decay(name: str, p: torch.Tensor) -> bool:
-    return p.ndim <= 1 or name.endswith(".bias") or name.endswith("mask_token")
-
-
-def param_groups(modules: dict[str, nn.Module], weight_decay: float) -> list[dict]:
-    """AdamW parameter groups: weights with decay (``apply_wd=True``), biases, norms and mask
-    tokens without. Only parameters that require gradients are included."""
-    decay, no_decay = [], []
-    for prefix, module in modules.items():
-        for name, p in module.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if _no_decay(name, p) else decay).append(p)
-    return [{"params": decay, "weight_decay": float(weight_decay), "apply_wd": True, "name": "decay"},
-            {"params": no_decay, "weight_decay": 0.0, "apply_wd": False, "name": "no_decay"}]
-
-
 class _MaskedPrediction(nn.Module):
     """Context encoder + predictor; subclasses define the regression targets."""
 
@@ -136,7 +120,7 @@ class _MaskedPrediction(nn.Module):
         return [p for m in self.trainable_modules().values() for p in m.parameters() if p.requires_grad]
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """See :func:`param_groups`."""
+        """AdamW groups of the trainable modules (``scott.optim_groups.param_groups``)."""
         return param_groups(self.trainable_modules(), weight_decay)
 
     def update_target(self, momentum: float) -> None:

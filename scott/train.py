@@ -35,6 +35,7 @@ import torch.nn as nn
 from scott import checkpoint as ck
 from scott.interrupt import StopRequest, TrainingInterrupted, ignore_in_worker
 from scott.mask_collator import MaskCollator, StepItems
+from scott.optim_groups import param_groups
 from scott.eval.online import compare_with_random_init, knn_monitor, knn_sets  # noqa: F401  (re-exported)
 from scott.run_folder import (CONTEXT_ENCODER_FILE, ENCODER_FILE, MODEL_FILE, OPTIMIZER_FILE,
                               SCALER_FILE, RunDirError, prepare_run_dir, resolve_output_dir)
@@ -50,7 +51,6 @@ __all__ = [
     "PretrainRun",
     "pretrain",
     "resolve_output_dir",
-    "param_groups",
     "knn_sets",
     "knn_monitor",
     "compare_with_random_init",
@@ -84,24 +84,6 @@ class CheckpointWriteError(ck.CheckpointError):
 
 
 # ----------------------------------------------------------------------------- helpers
-def param_groups(model: nn.Module) -> list[dict]:
-    """AdamW groups: weight decay on >= 2-D weights only (no decay on biases and 1-D params).
-
-    Each group carries ``apply_wd`` so the per-step weight decay can be set by hand.
-    """
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
-    groups = []
-    if decay:
-        groups.append({"params": decay, "apply_wd": True, "weight_decay": 0.0})
-    if no_decay:
-        groups.append({"params": no_decay, "apply_wd": False, "weight_decay": 0.0})
-    return groups
-
-
 def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(context images, target images, extra view or None) from the pretraining collate."""
     if isinstance(batch, Mapping):
@@ -198,7 +180,7 @@ class PretrainRun:
 
         objective = self.parts.objective
         groups = (objective.param_groups(float(optim["weight_decay"])) if hasattr(objective, "param_groups")
-                  else param_groups(objective))
+                  else param_groups(objective, float(optim["weight_decay"])))
         optimizer = torch.optim.AdamW(groups, lr=float(optim["lr"]),
                                       betas=tuple(optim["betas"]))
         self.model, self.optimizer = self.acc.prepare(objective, optimizer)
@@ -226,7 +208,7 @@ class PretrainRun:
     def _apply_schedule(self, sched: Mapping[str, float]) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = sched["lr"]
-            group["weight_decay"] = sched["wd"] if group.get("apply_wd", True) else 0.0
+            group["weight_decay"] = sched["wd"] if group["apply_wd"] else 0.0
 
     # -- data
     def make_loader(self, start_step: int) -> Iterator:

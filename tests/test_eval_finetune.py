@@ -29,8 +29,8 @@ def test_param_groups_layer_decay_and_no_decay_on_1d():
         assert g["lr_scale"] == pytest.approx(0.5 ** (3 + 1 - g["layer"]))
         if g["weight_decay"] > 0:
             assert all(p.ndim > 1 for p in g["params"])
-        else:
-            assert all(p.ndim <= 1 for p in g["params"])
+        else:  # 1-D parameters, biases and the encoder's no_weight_decay() (the mask token)
+            assert all(p.ndim <= 1 or p is model.encoder.mask_token for p in g["params"])
     head = next(g for g in groups if any(p is model.head.weight for p in g["params"]))
     assert head["lr_scale"] == 1.0 and head["weight_decay"] == 0.05
     assert min(g["lr_scale"] for g in groups) == pytest.approx(0.5 ** 4)  # tokenizer

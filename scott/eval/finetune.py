@@ -26,6 +26,7 @@ import torch.nn as nn
 from scott.eval.knn import topk_accuracy
 from scott.eval.protocol import mean_per_class_accuracy
 from scott.models.timm_family import ScottViT
+from scott.optim_groups import param_groups as _param_groups
 
 __all__ = ["FinetuneClassifier", "encoder_layer_id", "param_groups", "FlipView", "finetune"]
 
@@ -53,21 +54,11 @@ def encoder_layer_id(name: str, depth: int) -> int:
 
 
 def param_groups(model: ScottViT, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
-    """AdamW parameter groups: no weight decay on biases / 1-D parameters; ``lr_scale`` =
-    ``layer_decay ** (depth + 1 - layer_id)`` (1.0 everywhere when ``layer_decay`` is 1)."""
+    """AdamW groups by the project's one decay rule (``scott.optim_groups.param_groups``) with
+    ``lr_scale = layer_decay ** (depth + 1 - layer_id)`` (1.0 everywhere when ``layer_decay`` is 1)."""
     depth = len(getattr(model.encoder, "blocks", []))
-    groups: dict[tuple[int, bool], dict] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        layer = encoder_layer_id(name, depth)
-        decay = param.ndim > 1 and not name.endswith(".bias")
-        group = groups.setdefault((layer, decay), {
-            "params": [], "weight_decay": weight_decay if decay else 0.0,
-            "lr_scale": layer_decay ** (depth + 1 - layer), "layer": layer,
-        })
-        group["params"].append(param)
-    return [groups[k] for k in sorted(groups)]
+    return _param_groups(model, weight_decay, layer_of=lambda name: encoder_layer_id(name, depth),
+                         layer_decay=layer_decay, top_layer=depth + 1)
 
 
 class FlipView(torch.utils.data.Dataset):

@@ -161,6 +161,12 @@ class Encoder(nn.Module):
     def backend(self, name: str) -> None:
         self.tokenizer.backend = name
 
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Parameters kept out of weight decay besides 1-D ones and biases (timm's convention,
+        read by ``scott.optim_groups``): the mask token."""
+        return {"mask_token"}
+
     def set_input_size(self, img_size=None, patch_size=None) -> None:
         """New nominal image size (and patch size, ``patchify`` stack only): ``grid_size``,
         ``num_patches`` and the cached positions follow (timm's ``set_input_size``)."""

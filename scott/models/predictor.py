@@ -49,6 +49,11 @@ class Predictor(nn.Module):
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         init_transformer_(self.blocks, self.in_proj, self.head)
 
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Kept out of weight decay besides 1-D parameters and biases: the mask token."""
+        return {"mask_token"}
+
     def forward(self, context: torch.Tensor, context_positions: torch.Tensor | None = None,
                 query_positions: torch.Tensor | None = None) -> torch.Tensor:
         x = self.in_proj(context)
