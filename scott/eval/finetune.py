@@ -17,7 +17,6 @@ Public API:
 from __future__ import annotations
 
 import copy
-import math
 from typing import Callable
 
 import torch
@@ -27,6 +26,7 @@ from scott.eval.knn import topk_accuracy
 from scott.eval.protocol import mean_per_class_accuracy
 from scott.models.timm_family import ScottViT
 from scott.optim_groups import param_groups as _param_groups
+from scott.schedules import warmup_cosine
 
 __all__ = ["FinetuneClassifier", "encoder_layer_id", "param_groups", "FlipView", "finetune"]
 
@@ -75,13 +75,6 @@ class FlipView(torch.utils.data.Dataset):
         if self.p > 0 and float(torch.rand(())) < self.p:
             x = x.flip(-1)
         return x, y
-
-
-def _lr_at(step: int, total: int, warmup: int, base: float, min_lr: float) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_lr + (base - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 @torch.no_grad()
@@ -144,7 +137,7 @@ def finetune(
         model.train()
         running, seen = 0.0, 0
         for images, labels in fit_loader:
-            current = _lr_at(step, total, warmup, lr, min_lr)
+            current = warmup_cosine(step, total, lr, warmup, start=lr / max(warmup, 1), floor=min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = current * group.get("lr_scale", 1.0)
             loss = loss_fn(model(images), labels.long())
