@@ -160,6 +160,7 @@ SCHEMA: Mapping[str, Mapping[str, Field]] = {
         "target_layers": _pos_int(1),
         "global_weight": _nonneg_float(0.0),
         "center_targets": Field("bool", False),
+        "target_norm": Field("choice", "layer", choices=("layer", "instance")),
         "global_view": Field("choice", "same", choices=("same", "crop")),
         "dino_weight": _nonneg_float(0.0),
         "dino_prototypes": _pos_int(256),

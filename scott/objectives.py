@@ -232,6 +232,7 @@ class MIMJEPA(_MaskedPrediction):
         super().__init__(model_cfg, objective_cfg)
         objective = as_section("objective", objective_cfg)
         self.center_targets = objective.center_targets
+        self.target_norm = objective.target_norm
         self.target_layers = objective.target_layers
         depth = len(self.context_encoder.blocks)
         if self.target_layers < 1 or (self.target_layers > 1 and self.target_layers > depth):
@@ -250,14 +251,15 @@ class MIMJEPA(_MaskedPrediction):
     @torch.no_grad()
     def targets(self, images_ctx, images_tgt):
         """LayerNorm-ed target tokens ``[B, N, D]``: of the final output (``target_layers=1``), or
-        the average of the last ``target_layers`` blocks, each LayerNorm-ed (data2vec 2.0);
+        the average of the last ``target_layers`` blocks (data2vec 2.0), each layer normalised by
+        :meth:`_norm_layer` first;
         with ``center_targets`` the batch mean of each position is removed first."""
         if self.target_layers == 1:
             feats = self.target_encoder(images_tgt)
-            targets = F.layer_norm(feats.float(), (feats.shape[-1],))
+            targets = F.layer_norm(self._norm_layer(feats.float()), (feats.shape[-1],))
         else:
             _, blocks = self.target_encoder(images_tgt, return_blocks=True)
-            layers = [F.layer_norm(x.float(), x.shape[-1:]) for x in blocks[-self.target_layers:]]
+            layers = [self._norm_layer(x.float()) for x in blocks[-self.target_layers:]]
             mean = torch.stack(layers).mean(0)
             targets = F.layer_norm(mean, mean.shape[-1:])
         if self.center_targets:
@@ -266,6 +268,14 @@ class MIMJEPA(_MaskedPrediction):
             targets = targets - targets.mean(dim=0, keepdim=True)
             targets = F.layer_norm(targets, targets.shape[-1:])
         return targets
+
+    def _norm_layer(self, x: torch.Tensor) -> torch.Tensor:
+        """One target layer ``[B, N, D]`` normalised as ``objective.target_norm`` says: ``layer``
+        (each token over its channels) or ``instance`` (each channel over the image's tokens,
+        data2vec 2.0's choice: what all patches of an image share is removed)."""
+        if self.target_norm == "instance":
+            return F.instance_norm(x.transpose(1, 2)).transpose(1, 2)
+        return F.layer_norm(x, x.shape[-1:])
 
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:

@@ -167,3 +167,16 @@ def test_global_term_needs_the_latent_objective():
 
     with pytest.raises(RecipeError, match="objective.global_weight"):
         resolve_recipe({"objective": {"name": "pixel", "global_weight": 1.0}}, source="<t>", check_data=False)
+
+
+def test_instance_normalised_targets_remove_what_all_patches_share():
+    obj = _objective(target_norm="instance")
+    x = torch.randn(3, 1, 16, 16)
+    feats = obj.target_encoder(x).float()
+    expected = F.layer_norm(F.instance_norm(feats.transpose(1, 2)).transpose(1, 2), (32,))
+    assert torch.allclose(obj.targets(x, x), expected, atol=1e-5)
+    # a constant added to every token of an image (per channel) does not change the targets
+    shifted = obj._norm_layer(feats + torch.randn(3, 1, 32))
+    assert torch.allclose(shifted, obj._norm_layer(feats), atol=1e-4)
+    layer = _objective()
+    assert torch.allclose(layer.targets(x, x), F.layer_norm(feats, (32,)), atol=1e-5)
