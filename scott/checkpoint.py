@@ -43,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import random
 import re
@@ -54,6 +55,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_bytes
+
+_LOG = logging.getLogger(__name__)  # where messages go when the caller passes no ``log``
 
 CHECKPOINTS = "checkpoints"
 META = "meta.json"
@@ -257,7 +260,7 @@ def pending_checkpoint_dir(run_dir: str | Path, step: int) -> Path:
 
 
 def finish_checkpoint(run_dir: str | Path, step: int, meta: Mapping, keep: int | None = None,
-                      log: Callable[[str], None] = print) -> Path:
+                      log: Callable[[str], None] | None = None) -> Path:
     """Mark the pending checkpoint complete and publish it as ``checkpoints/step_XXXXXXXX``.
 
     Writes ``meta.json`` (the given ``meta`` plus ``step`` and the name, size and sha256 of every
@@ -327,10 +330,12 @@ def check_complete(path: str | Path, verify: bool = False) -> str | None:
     return None
 
 
-def find_last_complete(run_dir: str | Path, log: Callable[[str], None] = print, verify: bool = True) -> Path | None:
+def find_last_complete(run_dir: str | Path, log: Callable[[str], None] | None = None,
+                       verify: bool = True) -> Path | None:
     """The newest complete (and, with ``verify``, intact: sha256 of every file) checkpoint of a run.
 
-    Incomplete or damaged ones are skipped with a message ``log``-ged for each (folder and reason).
+    Incomplete or damaged ones are skipped with a message for each (folder and reason), given to
+    ``log`` (default: a warning on this module's ``logging`` logger).
     Returns ``None`` when the run has no checkpoint folder at all; raises
     :class:`CheckpointError` when checkpoint folders exist but none is usable.
     """
@@ -340,7 +345,7 @@ def find_last_complete(run_dir: str | Path, log: Callable[[str], None] = print, 
         reason = check_complete(path, verify=verify)
         if reason is None:
             return path
-        log(f"skipping checkpoint {path}: {reason}")
+        (log or _LOG.warning)(f"skipping checkpoint {path}: {reason}")
         skipped.append(f"{path.name} ({reason})")
     if skipped:
         raise CheckpointError(
@@ -355,7 +360,7 @@ def read_meta(path: str | Path) -> dict:
     return json.loads((Path(path) / META).read_text(encoding="utf-8"))
 
 
-def prune_checkpoints(run_dir: str | Path, keep: int, log: Callable[[str], None] = print) -> list[Path]:
+def prune_checkpoints(run_dir: str | Path, keep: int, log: Callable[[str], None] | None = None) -> list[Path]:
     """Keep the newest ``keep`` complete checkpoints; remove older ones and stale torn ones.
 
     Torn folders newer than the newest complete checkpoint are left alone (they are reported by

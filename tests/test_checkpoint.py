@@ -142,3 +142,13 @@ def test_torch_state_loader_refuses_pickled_objects(tmp_path):
     torch.save({"obj": fractions.Fraction(1, 3)}, tmp_path / "evil.pt")
     with pytest.raises(pickle.UnpicklingError):
         ck.load_torch_state(tmp_path / "evil.pt")
+
+
+def test_library_messages_go_to_logging_by_default(tmp_path, caplog, capsys):
+    good = _save(tmp_path, 3, 1.0)
+    torn = _save(tmp_path, 6, 2.0)  # a newer checkpoint, then damaged
+    (torn / "model.safetensors").write_bytes(b"damaged")
+    with caplog.at_level("WARNING", logger="scott.checkpoint"):
+        assert ck.find_last_complete(tmp_path) == good
+    assert any(str(torn) in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    assert capsys.readouterr().out == ""  # nothing printed
