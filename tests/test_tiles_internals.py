@@ -88,7 +88,6 @@ def test_halo_unpad_is_the_adjoint_of_halo_pad(t, before, after):
     grid, gen = _grid(seed=2)
     x = torch.randn(grid.count, t, t, 4, generator=gen, dtype=torch.float64)
     xp = halo_pad(x, grid, before, after)
-    assert torch.equal(xp, pad_tiles(x, grid, before, after))
     g = torch.randn(xp.shape, generator=gen, dtype=torch.float64)
     lhs = (xp * g).sum()
     rhs = (x * halo_unpad(g, grid, before, after, t)).sum()
