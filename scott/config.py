@@ -101,7 +101,7 @@ def _pos_pair(default):
     return Field("pair", default, low=0.0, low_open=True, ordered=True)
 
 
-DATASET_NAMES = ("demo", "fashion_mnist", "flowers", "pets", "imagenet100", "imagefolder")
+DATASET_NAMES = ("demo", "fashion_mnist", "flowers", "pets", "imagenet100", "imagefolder", "folder")
 STACK_NAMES = ("scott", "small", "patchify")
 
 SCHEMA: Mapping[str, Mapping[str, Field]] = {
@@ -111,11 +111,12 @@ SCHEMA: Mapping[str, Mapping[str, Field]] = {
         "download": Field("bool", False),
         "transductive": Field("bool", False),
         "on_bad_image": Field("choice", "error", choices=("error", "skip")),
+        "max_image_pixels": _pos_int(178_956_970, nullable=True),  # width x height; null: no limit
         "num_workers": _nonneg_int(2),
         "augment": Field("choice", "paper", choices=("paper", "light", "none")),
         "crop_scale": _unit_pair([0.2, 1.0]),
         "val_fraction": Field("float", 0.1, low=0.0, high=1.0, low_open=True, high_open=True),
-        "eval_split": Field("choice", "test", choices=("test", "val")),
+        "eval_split": Field("choice", None, nullable=True, choices=("test", "val")),  # null: test, val for a folder
         "classes": Field("int_list", None, nullable=True, low=0),
         "train_subset": _pos_int(None, nullable=True),
         "subset_seed": _nonneg_int(0),
@@ -313,6 +314,7 @@ def resolve_recipe(
         recipe[section][key] = _check_value(section, key, value, where)
 
     _complete_model(recipe["model"], {key for section, key in entries if section == "model"})
+    _complete_data(recipe["data"])
     for section in SCHEMA:
         _section_rules(section, recipe[section], source)
     _between_sections_rules(recipe, source)
@@ -346,6 +348,8 @@ def as_section(section: str, body: Mapping, source: str | None = None):
         values[key] = _check_value(section, key, value, source)
     if section == "model":
         _complete_model(values, set(body))
+    if section == "data":
+        _complete_data(values)
     _section_rules(section, values, source)
     return cls(**values)
 
@@ -699,6 +703,14 @@ def _complete_model(model: dict, explicit: set[str]) -> None:
         model["predictor_dim"] = model["embed_dim"]
 
 
+def _complete_data(data: dict) -> None:
+    """``data.eval_split: null`` is ``test``, or ``val`` for a dataset without a test split (a folder)."""
+    from scott.data.roots import SPLITS  # no torch
+
+    if data["eval_split"] is None:
+        data["eval_split"] = "test" if "test" in SPLITS[data["name"]] else "val"
+
+
 def _section_rules(section: str, body: Mapping, source: str) -> None:
     rule = {"data": _check_eval_split, "model": _model_rules, "objective": _objective_rules,
             "optim": _optim_rules}.get(section)
@@ -710,6 +722,12 @@ def _check_eval_split(data: Mapping, source: str) -> None:
     """``data.eval_split`` must be a split the dataset has (``val`` only with an official one)."""
     from scott.data.roots import SPLITS  # no torch
 
+    if "test" not in SPLITS[data["name"]]:  # your own folder: no test split, "val" is carved from it
+        if data["eval_split"] != "val":
+            raise RecipeError(
+                f"{source}: data.eval_split: '{data['name']}' has no test split; use eval_split: val (kNN and "
+                "probes then carve data.val_fraction of the labelled images as queries)")
+        return
     if data["eval_split"] not in SPLITS[data["name"]]:
         with_val = ", ".join(name for name, splits in SPLITS.items() if "val" in splits)
         raise RecipeError(
@@ -725,6 +743,12 @@ def _check_data_folder(recipe: dict, source: str) -> None:
 
     data = recipe["data"]
     name = data["name"]
+    if name == "folder":
+        if data["root"] is None:
+            raise RecipeError(f"{source}: data.root: required for data.name 'folder' (the folder holding your images)")
+        if not Path(data["root"]).expanduser().is_dir():
+            raise RecipeError(f"{source}: data.root: folder '{Path(data['root']).expanduser()}' does not exist")
+        return
     if name == "imagefolder" and data["root"] is None:
         raise RecipeError(f"{source}: data.root: required for data.name 'imagefolder' (a folder with train/ and test/)")
     root = Path(data["root"]).expanduser() if data["root"] is not None else default_root(name)

@@ -129,6 +129,14 @@ def build_components(recipe: Mapping) -> Components:
                       eval_transform_spec=eval_transform_spec(model_cfg))
 
 
+def _labelled(dataset) -> bool:
+    """Whether the pretraining images carry labels (a custom dataset without ``labels`` counts as labelled)."""
+    from scott.data.datasets import has_labels
+
+    base = getattr(dataset, "base", dataset)
+    return has_labels(base) if hasattr(base, "labels") else True
+
+
 def _encoders(objective: nn.Module) -> dict[str, nn.Module]:
     """{"target": ..., "context": ...} encoders of an (unwrapped) objective.
 
@@ -386,6 +394,10 @@ def pretrain(recipe: Mapping, output_dir: str | Path, resume: bool = False, acce
     total = run.total_steps
     every = int(train_cfg["checkpoint_every"])
     monitor_every = int(train_cfg["monitor_every"])
+    if monitor_every and not _labelled(run.parts.dataset):
+        run.log("note: the pretraining images have no labels (no class folders), so the kNN monitor "
+                "(train.monitor_every) is off")
+        monitor_every = 0
     metrics = MetricsLog(run.run_dir, run.is_main, start, train_cfg["log_every"])
     progress = Progress(run.is_main, total, start)
     collapse = CollapseWatch()

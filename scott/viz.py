@@ -33,6 +33,9 @@ __all__ = [
     "bar_chart",
     "read_metrics",
     "curve_series",
+    "neighbour_grid",
+    "embedding_map",
+    "pca_2d",
     "PALETTE",
 ]
 
@@ -332,6 +335,92 @@ def bar_chart(groups: Mapping[str, Mapping[str, tuple[float, float]]], title: st
     draw.text((left, 10), title, fill=_INK, font=font)
     if ylabel:
         draw.text((4, top - 16), ylabel, fill=_INK, font=font)
+    return img
+
+
+# ----------------------------------------------------------------------------- embeddings
+def _thumb(img: Image.Image, size: int) -> Image.Image:
+    img = img.convert("RGB")
+    scale = size / max(img.size)
+    resample = Image.NEAREST if scale >= 2 else Image.BICUBIC
+    img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), resample)
+    panel = Image.new("RGB", (size, size), _BG)
+    panel.paste(img, ((size - img.width) // 2, (size - img.height) // 2))
+    return panel
+
+
+def _short(text: str, chars: int) -> str:
+    return text if len(text) <= chars else "..." + text[-(chars - 3):]
+
+
+def neighbour_grid(queries: Sequence[Image.Image], neighbours: Sequence[Sequence[Image.Image]],
+                   query_names: Sequence[str], neighbour_names: Sequence[Sequence[str]],
+                   similarities: Sequence[Sequence[float]] | None = None, thumb: int = 96,
+                   title: str = "") -> Image.Image:
+    """One row per query: the query (framed), then its neighbours, most similar first; the file
+    name (and cosine similarity) under every thumbnail."""
+    if not queries or len(queries) != len(neighbours):
+        raise ValueError("one row of neighbours per query is needed")
+    cols = 1 + max(len(r) for r in neighbours)
+    pad, label_h, head = 6, 24, 22 if title else 6
+    w, h = cols * (thumb + pad) + pad + 8, len(queries) * (thumb + label_h + pad) + pad + head
+    out = Image.new("RGB", (w, h), _BG)
+    draw = ImageDraw.Draw(out)
+    font = ImageFont.load_default()
+    if title:
+        draw.text((pad, 5), title, fill=_INK, font=font)
+    chars = max(6, thumb // 6)
+    for r, (query, row) in enumerate(zip(queries, neighbours)):
+        y = head + r * (thumb + label_h + pad)
+        cells = [(query, query_names[r], None)] + [
+            (img, neighbour_names[r][j], None if similarities is None else similarities[r][j]) for j, img in enumerate(row)]
+        for c, (img, name, sim) in enumerate(cells):
+            x = pad + c * (thumb + pad) + (8 if c else 0)
+            out.paste(_thumb(img, thumb), (x, y))
+            if c == 0:
+                draw.rectangle([x - 3, y - 3, x + thumb + 2, y + thumb + 2], outline=_TARGET, width=2)
+            draw.text((x, y + thumb + 2), _short(name, chars), fill=_INK, font=font)
+            if sim is not None:
+                draw.text((x, y + thumb + 12), f"{sim:.3f}", fill=(110, 110, 110), font=font)
+    return out
+
+
+def pca_2d(features: torch.Tensor) -> np.ndarray:
+    """``[N, 2]`` coordinates of the features on their first two principal components."""
+    x = features.float() - features.float().mean(0, keepdim=True)
+    if x.shape[0] < 2:
+        return np.zeros((x.shape[0], 2))
+    _, _, v = torch.pca_lowrank(x, q=min(2, x.shape[1]), center=False)
+    coords = (x @ v[:, :2]).numpy()
+    return coords if coords.shape[1] == 2 else np.pad(coords, ((0, 0), (0, 2 - coords.shape[1])))
+
+
+def embedding_map(coords: np.ndarray, labels: Sequence[int] | None = None, classes: Sequence[str] = (),
+                  title: str = "", size: int = 560) -> Image.Image:
+    """Scatter plot of 2-D coordinates (e.g. :func:`pca_2d`), one colour per class when labels
+    exist (legend on the right), grey dots otherwise."""
+    coords = np.asarray(coords, dtype=np.float64)
+    right = 150 if classes else 20
+    img = Image.new("RGB", (size + right, size), _BG)
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    margin, top = 20, 28
+    lo, hi = coords.min(0), coords.max(0)
+    span = np.where(hi - lo > 0, hi - lo, 1.0)
+    draw.rectangle([margin, top, size - margin, size - margin], outline=_INK)
+    colours = [PALETTE[i % len(PALETTE)] if i < len(PALETTE) else
+               tuple(int(c) for c in np.array(PALETTE[i % len(PALETTE)]) * 0.55) for i in range(max(1, len(classes)))]
+    for k, (x, y) in enumerate(coords):
+        px = margin + 4 + (x - lo[0]) / span[0] * (size - 2 * margin - 8)
+        py = size - margin - 4 - (y - lo[1]) / span[1] * (size - margin - top - 8)
+        label = int(labels[k]) if labels is not None else -1
+        colour = colours[label] if 0 <= label < len(colours) and classes else (120, 120, 120)
+        draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
+    for i, name in enumerate(classes):
+        ly = top + 4 + 14 * i
+        draw.rectangle([size + 4, ly + 1, size + 14, ly + 11], fill=colours[i])
+        draw.text((size + 20, ly), _short(str(name), 20), fill=_INK, font=font)
+    draw.text((margin, 8), title, fill=_INK, font=font)
     return img
 
 

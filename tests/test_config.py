@@ -33,7 +33,10 @@ def error_of(path, overrides=(), **kwargs) -> str:
 # --- shipped recipes -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stem", ["demo", "fashion_mnist", "fashion_mnist_cpu", "flowers", "pets", "imagenet100"])
+SHIPPED = ["demo", "fashion_mnist", "fashion_mnist_cpu", "flowers", "folder", "folder_cpu", "pets", "imagenet100"]
+
+
+@pytest.mark.parametrize("stem", SHIPPED)
 def test_shipped_recipes_load(stem):
     recipe = load_recipe(RECIPES / f"{stem}.yaml", check_data=False)
     assert recipe["name"] == stem
@@ -43,9 +46,7 @@ def test_shipped_recipes_load(stem):
 
 
 def test_every_recipe_file_is_covered():
-    assert sorted(p.stem for p in RECIPES.glob("*.yaml")) == sorted(
-        ["demo", "fashion_mnist", "fashion_mnist_cpu", "flowers", "pets", "imagenet100"]
-    )
+    assert sorted(p.stem for p in RECIPES.glob("*.yaml")) == sorted(SHIPPED)
 
 
 def test_demo_recipe_loads_with_data_check():
@@ -69,6 +70,7 @@ def test_imagenet100_paper_settings():
 def test_defaults_filled_and_name_is_stem(tmp_path):
     recipe = load_recipe(write(tmp_path, "data:\n  name: demo\n", "my_run.yaml"))
     expected = default_recipe()
+    expected["data"]["eval_split"] = "test"  # null resolves to the dataset's test split
     assert recipe["name"] == "my_run"
     for section in ("data", "mask", "objective", "optim", "train"):
         assert recipe[section] == expected[section]

@@ -45,7 +45,10 @@ def test_recipes_are_found():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_every_recipe_validates_and_builds(path):
     recipe = load_recipe(path, check_data=False)  # no data on disk needed
-    assert recipe["data"]["eval_split"] in available_splits(recipe["data"])
+    from scott.data.eval_splits import eval_plan
+
+    plan = eval_plan(recipe["data"]["name"], recipe["data"]["eval_split"])  # the split exists or is carved
+    assert {plan.bank, plan.queries} <= set(available_splits(recipe["data"]))
     model = recipe["model"]
     stack = build_stack(model["tokenizer"], model["in_chans"], model["embed_dim"], model["patch_size"],
                         model["hidden_dim"])

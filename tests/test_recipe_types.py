@@ -31,9 +31,11 @@ def test_every_default_is_the_schema_default():
     r = _recipe()
     for section, fields in SCHEMA.items():
         for key, spec in fields.items():
-            if (section, key) != ("model", "predictor_dim"):  # null resolves to embed_dim
+            if (section, key) not in (("model", "predictor_dim"), ("data", "eval_split")):  # null: resolved
                 assert r[section][key] == spec.default, f"{section}.{key}"
         assert SECTION_TYPES[section]() == {k: f.default for k, f in fields.items()}
+    assert r.model.predictor_dim == r.model.embed_dim and r.data.eval_split == "test"
+    assert as_section("data", {"name": "folder"}).eval_split == "val"
 
 
 def test_plain_data_round_trips_and_compares_equal():

@@ -80,6 +80,12 @@ def main(argv=None) -> int:
     Console().print(summary_table(summary))
     if args.no_knn:
         return 0
+    from scott.data.datasets import build_pretrain_dataset, has_labels
+
+    if not has_labels(build_pretrain_dataset(recipe["data"])):
+        print("kNN report skipped: the images have no labels (no class folders under data.root); "
+              "embed them with tools/embed.py and look at them with tools/neighbours.py")
+        return 0
     report = compare_with_random_init(output, recipe, device=summary.get("device"))
     print(f"kNN top-1 (k={report['k']}, {report['pool']} pooling) on the {report['split']} split: "
           f"pretrained target encoder {100 * report['pretrained']:.2f} %, "

@@ -44,6 +44,7 @@ from PIL import Image
 
 from scott.config import RecipeError
 from scott.data.idx import IdxError, read_idx
+from scott.data.images import DEFAULT_MAX_PIXELS, convert_mode, open_image
 from scott.data.roots import FASHION_MNIST_FILES, SPLITS, default_root, find_idx_file
 
 __all__ = [
@@ -60,6 +61,7 @@ __all__ = [
     "build_dataset",
     "build_pretrain_dataset",
     "check_dataset_size",
+    "has_labels",
     "convert_channels",
     "pretrain_split",
     "scan_image_folder",
@@ -85,6 +87,7 @@ _PRETRAIN_SPLITS = {
     "pets": ("trainval",),
     "imagenet100": ("train",),
     "imagefolder": ("train",),
+    "folder": ("train",),  # every image under data.root
 }
 
 
@@ -127,27 +130,12 @@ class BadImageError(DatasetError):
 
 
 def convert_channels(img: Image.Image, in_chans: int | None) -> Image.Image:
-    """Return ``img`` as "L" (in_chans 1) or "RGB" (in_chans 3); None: grey stays "L", else "RGB"."""
-    if in_chans is None:
-        target = "L" if img.mode in ("1", "L", "I", "I;16", "F") else "RGB"
-    elif in_chans == 1:
-        target = "L"
-    elif in_chans == 3:
-        target = "RGB"
-    else:
-        raise ValueError(f"in_chans must be 1, 3 or None, got {in_chans}")
-    if img.mode == target:
-        return img
-    if img.mode in ("I", "I;16", "F"):  # high bit-depth grey: scale to 8 bit first
-        arr = np.asarray(img, dtype=np.float64)
-        peak = float(arr.max()) if arr.size else 0.0
-        top = 1.0 if (img.mode == "F" and peak <= 1.0) else 255.0 if peak <= 255.0 else 65535.0
-        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8))
-    if img.mode in ("P", "PA", "LA", "RGBA") and target == "RGB":
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img)
-    return img.convert(target)
+    """Return ``img`` as "L" (in_chans 1) or "RGB" (in_chans 3); None: grey stays "L", else "RGB".
+
+    The one conversion rule of :func:`scott.data.images.convert_mode` (transparency on white,
+    high bit depth scaled by the format's range), also used for every image file.
+    """
+    return convert_mode(img, in_chans)
 
 
 class LabeledDataset:
@@ -203,11 +191,16 @@ class ArrayImageDataset(LabeledDataset):
 
 
 class ImageFileDataset(LabeledDataset):
-    """Images read lazily from files, with the bad-image policy ``on_bad_image`` (error|skip)."""
+    """Images read lazily from files, with the bad-image policy ``on_bad_image`` (error|skip).
+
+    Files are decoded by :func:`scott.data.images.open_image`; ``max_image_pixels``
+    (``data.max_image_pixels``, None: no limit) is the largest width x height accepted, checked
+    from the file's header before decoding.
+    """
 
     def __init__(self, paths: Sequence, labels, classes: Sequence[str], in_chans: int | None = None,
                  on_bad_image: str = "error", transform: Callable | None = None,
-                 description: str = "image files"):
+                 description: str = "image files", max_image_pixels: int | None = DEFAULT_MAX_PIXELS):
         if on_bad_image not in ("error", "skip"):
             raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
         paths = [Path(p) for p in paths]
@@ -216,20 +209,23 @@ class ImageFileDataset(LabeledDataset):
             raise DatasetError(f"{description}: {len(paths)} files but {len(labels)} labels")
         self.classes, self.in_chans, self.on_bad_image = list(classes), in_chans, on_bad_image
         self.transform, self.description = transform, description
+        self.max_image_pixels = max_image_pixels
         if on_bad_image == "skip":
-            keep = _readable(paths, description)
+            keep = _readable(paths, description, in_chans, max_image_pixels)
             paths = [p for p, k in zip(paths, keep) if k]
             labels = labels[np.asarray(keep, dtype=bool)] if len(labels) else labels
         self.paths, self.labels = paths, labels
 
     def _open(self, path: Path) -> Image.Image:
         try:
-            with Image.open(path) as img:
-                img.load()
-                return convert_channels(img, self.in_chans)
-        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
-            hint = "; replace or delete the file, or set data.on_bad_image: skip" if self.on_bad_image == "error" else ""
-            raise BadImageError(f"{path}: cannot read image ({type(exc).__name__}: {exc}){hint}") from None
+            return open_image(path, self.in_chans, self.max_image_pixels)
+        except BadImageError as exc:
+            if self.on_bad_image != "error":
+                raise
+            too_large = getattr(exc, "too_large", False)
+            hint = ", or set data.on_bad_image: skip" if too_large else (
+                "; replace or delete the file, or set data.on_bad_image: skip")
+            raise BadImageError(f"{exc}{hint}") from None
 
     def load_image(self, index: int) -> Image.Image:
         if self.on_bad_image == "error":
@@ -243,8 +239,10 @@ class ImageFileDataset(LabeledDataset):
         raise BadImageError(f"{self.description}: no readable image left")
 
 
-def _readable(paths: Sequence[Path], description: str) -> list[bool]:
-    """Decode every file in full (``load``, not ``verify``: a truncated JPEG passes ``verify``).
+def _readable(paths: Sequence[Path], description: str, in_chans: int | None = None,
+              max_image_pixels: int | None = DEFAULT_MAX_PIXELS) -> list[bool]:
+    """Decode every file in full with :func:`scott.data.images.open_image` (as it is read later:
+    ``load``, not ``verify``, a truncated JPEG passes ``verify``; files over the size limit fail).
 
     Logs each unreadable file once per process (a second scan of the same unchanged file, e.g.
     the kNN report after pretraining, does not repeat it) and, at the end of every scan that
@@ -253,14 +251,14 @@ def _readable(paths: Sequence[Path], description: str) -> list[bool]:
     keep = []
     for path in paths:
         key = _scan_key(path)
+        key = key and key + (in_chans, max_image_pixels)  # the answer depends on the limit
         ok = _SCANNED.get(key) if key is not None else False
         if ok is None:
             try:
-                with Image.open(path) as img:
-                    img.load()
+                open_image(path, in_chans, max_image_pixels)
                 ok = True
-            except Exception as exc:  # PIL raises many types for corrupt files
-                log.warning("%s: skipping unreadable image %s (%s: %s)", description, path, type(exc).__name__, exc)
+            except BadImageError as exc:  # open_image turns every decoding failure into one
+                log.warning("%s: skipping unreadable image %s", description, exc)
                 ok = False
             _SCANNED[key] = ok
         elif key is None:
@@ -272,8 +270,8 @@ def _readable(paths: Sequence[Path], description: str) -> list[bool]:
     return keep
 
 
-#: (path, size, mtime) -> decodes; results of earlier scans in this process.
-_SCANNED: dict[tuple[str, int, int], bool] = {}
+#: (path, size, mtime, in_chans, max_image_pixels) -> decodes; results of earlier scans in this process.
+_SCANNED: dict[tuple, bool] = {}
 
 
 def _scan_key(path: Path) -> tuple[str, int, int] | None:
@@ -343,7 +341,7 @@ def pretrain_split(data_cfg: dict) -> tuple[str, ...]:
     """
     data_cfg = _data_section(data_cfg)
     splits = _PRETRAIN_SPLITS[data_cfg["name"]]
-    if data_cfg["transductive"]:
+    if data_cfg["transductive"] and "test" in _SPLITS[data_cfg["name"]]:  # a folder has no test split
         log.warning(
             "TRANSDUCTIVE pretraining: data.transductive is true, the %s TEST images are used "
             "(without labels) for self-supervised pretraining; results are not comparable to "
@@ -422,12 +420,39 @@ def _load_stored(name: str, root: Path | None, stored: str, data_cfg: dict, in_c
             paths, labels, classes = scan_image_folder(root / stored)
         except DatasetError as exc:
             raise DatasetError(f"data.root: {exc}") from None
-        return ImageFileDataset(paths, labels, classes, in_chans, policy, description=f"{name} {stored} ({root / stored})")
+        return ImageFileDataset(paths, labels, classes, in_chans, policy, description=f"{name} {stored} ({root / stored})",
+                                max_image_pixels=data_cfg["max_image_pixels"])
+    if name == "folder":
+        return _folder_dataset(root, data_cfg, in_chans)
     if name == "flowers":
-        return _torchvision_files("Flowers102", root or default_root(name), stored, download, in_chans, policy)
+        return _torchvision_files("Flowers102", root or default_root(name), stored, download, in_chans, policy,
+                                  data_cfg["max_image_pixels"])
     if name == "pets":
-        return _torchvision_files("OxfordIIITPet", root or default_root(name), stored, download, in_chans, policy)
+        return _torchvision_files("OxfordIIITPet", root or default_root(name), stored, download, in_chans, policy,
+                                  data_cfg["max_image_pixels"])
     raise DatasetError(f"unknown dataset '{name}'")  # pragma: no cover
+
+
+def _folder_dataset(root: Path | None, data_cfg, in_chans) -> ImageFileDataset:
+    """Every image under ``data.root`` (``scott.data.folder`` rules; labels only from class folders)."""
+    from .folder import scan_folder
+
+    if root is None:
+        raise DatasetError("data.root: required for data.name 'folder' (the folder holding your images)")
+    try:
+        scan = scan_folder(root, IMAGE_EXTENSIONS)
+    except (FileNotFoundError, ValueError) as exc:
+        raise DatasetError(f"data.root: {exc}") from None
+    kind = f"{len(scan.classes)} classes" if scan.labelled else "unlabelled"
+    return ImageFileDataset(scan.paths, scan.labels, scan.classes, in_chans, data_cfg["on_bad_image"],
+                            description=f"folder {root} ({kind})")
+
+
+def has_labels(dataset) -> bool:
+    """Whether every image of ``dataset`` has a class label (kNN and probes need them)."""
+    from .folder import UNLABELLED
+
+    return len(dataset.labels) > 0 and bool((np.asarray(dataset.labels) != UNLABELLED).all())
 
 
 def _fashion_mnist(name: str, root: Path, stored: str, download: bool, in_chans) -> ArrayImageDataset:
@@ -467,7 +492,8 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _torchvision_files(cls_name: str, root: Path, stored: str, download: bool, in_chans, policy) -> ImageFileDataset:
+def _torchvision_files(cls_name: str, root: Path, stored: str, download: bool, in_chans, policy,
+                       max_image_pixels: int | None = DEFAULT_MAX_PIXELS) -> ImageFileDataset:
     import torchvision
 
     cls = getattr(torchvision.datasets, cls_name)
@@ -489,7 +515,8 @@ def _torchvision_files(cls_name: str, root: Path, stored: str, download: bool, i
     if paths is None or labels is None:  # pragma: no cover - torchvision internals changed
         raise DatasetError(f"{cls_name}: unsupported torchvision version (no file list)")
     classes = list(getattr(tv, "classes", [])) or [str(c) for c in range(int(max(labels)) + 1)]
-    return ImageFileDataset(paths, labels, classes, in_chans, policy, description=f"{cls_name} {stored} ({root})")
+    return ImageFileDataset(paths, labels, classes, in_chans, policy, description=f"{cls_name} {stored} ({root})",
+                            max_image_pixels=max_image_pixels)
 
 
 def scan_image_folder(folder) -> tuple[list[Path], np.ndarray, list[str]]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from scott.data.datasets import DatasetError, LabeledSubset, build_dataset, split_train_val
+from scott.data.datasets import DatasetError, LabeledSubset, build_dataset, has_labels, split_train_val
 from scott.data.roots import SPLITS
 
 __all__ = ["EvalPlan", "eval_plan", "bank_and_queries"]
@@ -40,6 +40,8 @@ def eval_plan(name: str, split: str) -> EvalPlan:
     """The rule for dataset ``name`` and evaluation split ``split`` ("test" or "val")."""
     splits = SPLITS[name]
     if split == "test":
+        if "test" not in splits:
+            raise DatasetError(f"data.eval_split: '{name}' has no test split; use eval_split: val")
         return EvalPlan("trainval", "test", False)
     if split == "val":
         if "val" in splits:
@@ -56,6 +58,9 @@ def bank_and_queries(data_cfg: dict, split: str, seed: int, in_chans: int | None
     """
     plan = eval_plan(data_cfg["name"], split)
     bank = build_dataset(data_cfg, plan.bank, in_chans=in_chans)
+    if not has_labels(bank):
+        raise DatasetError(f"data.root: {bank.description} has no labels; kNN and probes need class folders "
+                           "(root/<class>/<image>, at least two); pretraining needs none")
     if not plan.carved:
         return bank, build_dataset(data_cfg, plan.queries, in_chans=in_chans)
     fit, val = split_train_val(bank.labels, float(data_cfg["val_fraction"]), int(seed))

@@ -32,6 +32,8 @@ SPLITS = MappingProxyType(
         "pets": {"train": ("trainval",), "trainval": ("trainval",), "test": ("test",)},
         "imagenet100": {"train": ("train",), "trainval": ("train",), "test": ("val",)},
         "imagefolder": {"train": ("train",), "val": ("val",), "trainval": ("train",), "test": ("test",)},
+        # every image under data.root; no test split: evaluation carves "val" from the labelled images
+        "folder": {"train": ("all",), "trainval": ("all",)},
     }
 )
 

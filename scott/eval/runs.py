@@ -87,6 +87,22 @@ def load_run_source(path: str | Path, which: str = "target", overrides: Sequence
                       encoder_path=Path(encoder.source_path), run_dir=run_dir, info={"which": which})
 
 
+def load_encoder_source(source: str | Path, which: str = "target", device=None):
+    """The encoder of a run folder or an exported encoder file, for a CLI: a missing or damaged
+    file is a one-line :class:`scott.config.RecipeError`."""
+    from scott.config import RecipeError
+
+    try:
+        return load_encoder(source, which=which, device=device)
+    except (FileNotFoundError, ValueError) as exc:
+        raise RecipeError(f"{source}: {exc}") from None
+
+
+def default_device(name: str | None = None) -> str:
+    """``name`` if given, else ``cuda`` when a GPU is visible, else ``cpu``."""
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def random_init_source(recipe_path: str | Path, overrides: Sequence[str] = (), seed: int = 0,
                        device=None, backend: str | None = None) -> EvalSource:
     """An untrained encoder built from a recipe (weights drawn from ``seed``)."""

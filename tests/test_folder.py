@@ -1,0 +1,179 @@
+"""Your own images: a plain folder in (data.name: folder), embeddings and neighbours out."""
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from scott.cli import run_cli
+from scott.config import RecipeError, load_recipe
+from scott.data.datasets import DatasetError, IMAGE_EXTENSIONS, build_dataset, build_pretrain_dataset, has_labels
+from scott.data.folder import UNLABELLED, scan_folder, write_images
+from train_helpers import one_torch_thread  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.hidden_dim=8", "model.in_chans=1",
+         "model.predictor_dim=32", "optim.batch_size=8", "data.num_workers=0", "train.checkpoint_every=2"]
+
+
+def _png(path, value=128, size=(8, 8)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("L", size, value).save(path)
+    return path
+
+
+def _tool(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _exit(tool, argv):
+    with pytest.raises(SystemExit) as info:
+        run_cli(lambda: tool.main(argv))
+    return info.value.code
+
+
+# ----------------------------------------------------------------------------- scanning rules
+def test_scan_finds_images_at_any_depth_in_sorted_order_and_ignores_the_rest(tmp_path):
+    for rel in ("b.png", "a/z.JPG", "a/c/d.png", "a/c/e.tif"):
+        _png(tmp_path / rel) if not rel.endswith(("JPG", "tif")) else Image.new("RGB", (4, 4)).save(
+            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True) or tmp_path / rel)
+    (tmp_path / "notes.txt").write_text("not an image")
+    _png(tmp_path / ".hidden.png")
+    _png(tmp_path / ".cache" / "x.png")
+    scan = scan_folder(tmp_path, IMAGE_EXTENSIONS)
+    assert scan.relative == ["a/c/d.png", "a/c/e.tif", "a/z.JPG", "b.png"]
+    assert not scan.labelled and (scan.labels == UNLABELLED).all()  # an image sits in root: no classes
+
+
+def test_symlinks_are_followed_once(tmp_path):
+    _png(tmp_path / "real" / "x.png")
+    os.symlink(tmp_path / "real", tmp_path / "link")          # the same folder twice
+    os.symlink(tmp_path, tmp_path / "real" / "up")            # a loop
+    scan = scan_folder(tmp_path, IMAGE_EXTENSIONS)
+    assert len(scan.relative) == 1 and scan.relative[0] in ("link/x.png", "real/x.png")
+
+
+def test_class_folders_give_labels_only_with_two_or_more(tmp_path):
+    _png(tmp_path / "cats" / "1.png")
+    _png(tmp_path / "cats" / "deep" / "2.png")
+    _png(tmp_path / "dogs" / "3.png")
+    scan = scan_folder(tmp_path, IMAGE_EXTENSIONS)
+    assert scan.classes == ["cats", "dogs"] and scan.labels.tolist() == [0, 0, 1]
+    one = tmp_path / "one"
+    _png(one / "only" / "1.png")
+    assert not scan_folder(one, IMAGE_EXTENSIONS).labelled
+
+
+def test_missing_or_empty_folders_are_one_line_errors(tmp_path):
+    with pytest.raises(DatasetError, match="data.root: folder .* does not exist"):
+        build_dataset({"name": "folder", "root": str(tmp_path / "nope")}, "train")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("x")
+    with pytest.raises(DatasetError, match="data.root: no images under"):
+        build_dataset({"name": "folder", "root": str(tmp_path / "empty")}, "train")
+    with pytest.raises(DatasetError, match="data.root: required"):
+        build_dataset({"name": "folder"}, "train")
+
+
+def test_recipe_rules_for_a_folder(tmp_path):
+    recipe = ROOT / "recipes" / "folder_cpu.yaml"
+    with pytest.raises(RecipeError, match="data.root: required for data.name 'folder'"):
+        load_recipe(recipe)
+    with pytest.raises(RecipeError, match="data.root: folder .* does not exist"):
+        load_recipe(recipe, [f"data.root={tmp_path / 'gone'}"])
+    with pytest.raises(RecipeError, match="data.eval_split: 'folder' has no test split"):
+        load_recipe(recipe, [f"data.root={tmp_path}", "data.eval_split=test"])
+
+
+def test_unlabelled_folder_pretrains_but_refuses_knn(tmp_path):
+    from scott.data.eval_splits import bank_and_queries
+
+    for i in range(4):
+        _png(tmp_path / f"g{i % 2}" / "sub" / f"{i}.png", value=40 * i)
+    _png(tmp_path / "loose.png")
+    cfg = {"name": "folder", "root": str(tmp_path)}
+    data = build_pretrain_dataset(cfg, in_chans=1)
+    assert len(data) == 5 and not has_labels(data)
+    assert data[0][0].mode == "L" and data[0][1] == UNLABELLED
+    with pytest.raises(DatasetError, match="has no labels; kNN and probes need class folders"):
+        bank_and_queries(dict(cfg, eval_split="val"), "val", 0)
+
+
+# ----------------------------------------------------------------------------- end to end (small)
+@pytest.fixture(scope="module")
+def demo_folders(tmp_path_factory):
+    from scott.data.datasets import build_dataset as build
+
+    base = tmp_path_factory.mktemp("own")
+    demo = build({"name": "demo"}, "train")
+    write_images(demo, base / "nested", "nested", limit=48)
+    write_images(demo, base / "classes", "classes", limit=48)
+    return base, demo
+
+
+def test_written_demo_images_are_the_demo_images(demo_folders):
+    base, demo = demo_folders
+    scan = scan_folder(base / "nested", IMAGE_EXTENSIONS)
+    assert len(scan.relative) == 48 and scan.relative[0] == "part_00/group_0/00000.png" and not scan.labelled
+    assert np.array_equal(np.asarray(Image.open(scan.paths[7])), np.asarray(demo[7][0]))
+    classes = scan_folder(base / "classes", IMAGE_EXTENSIONS)
+    assert classes.labelled and len(classes.classes) == len(set(int(demo[i][1]) for i in range(48)))
+
+
+def test_pretrain_on_a_nested_folder_then_embed_and_look(demo_folders, tmp_path, capsys):
+    base, _ = demo_folders
+    run = tmp_path / "run"
+    assert _exit(_tool("pretrain"), ["recipes/folder_cpu.yaml", "--output", str(run),
+                                     "--set", f"data.root={base / 'nested'}", "--set", "train.max_steps=2",
+                                     *sum((["--set", s] for s in SMALL), [])]) == 0
+    out = capsys.readouterr().out
+    assert "kNN report skipped: the images have no labels" in out
+    assert "kNN monitor" in out  # the monitor (monitor_every: 3) says it is off
+
+    emb_file = tmp_path / "emb" / "feats"
+    assert _exit(_tool("embed"), [str(run), str(base / "classes"), "--out", str(emb_file), "--batch-size", "16"]) == 0
+    from scott.eval.embed import read_embeddings
+    from scott.eval.features import extract_features, load_encoder
+
+    emb = read_embeddings(emb_file)
+    assert len(emb.paths) == 48 and emb.paths == sorted(emb.paths) and emb.pool == "flat"
+    # the same numbers as the kNN evaluation's features of the same images
+    encoder = load_encoder(run)
+    ds = build_dataset({"name": "folder", "root": str(base / "classes")}, "train", in_chans=1)
+    ref, labels = extract_features(encoder, ds, progress=False)
+    assert torch.allclose(emb.features, ref, atol=1e-6) and torch.equal(emb.labels, labels)
+    assert np.allclose(np.load(emb_file.with_suffix(".npy")), ref.numpy(), atol=1e-6)
+    rows = list(csv.DictReader(open(emb_file.with_suffix(".csv"))))
+    assert [r["path"] for r in rows] == emb.paths and rows[0]["class"] == emb.classes[int(rows[0]["label"])]
+
+    grid, pca = tmp_path / "grid.png", tmp_path / "map.png"
+    assert _exit(_tool("neighbours"), [str(run), str(base / "classes"), "--queries", "3", "--k", "4",
+                                       "--out", str(grid), "--map", str(pca), "--thumb", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "share their query's class folder" in out
+    with Image.open(grid) as g:
+        assert g.size[1] > 3 * 32 and g.size[0] > 5 * 32  # 3 rows of query + 4 neighbours
+    assert Image.open(pca).size[0] > 400
+    assert _exit(_tool("neighbours"), [str(run), str(base / "classes"), "--k", "48"]) == 2  # only 47 others
+    assert _exit(_tool("embed"), [str(run), str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
+    assert _exit(_tool("embed"), [str(tmp_path / "norun"), str(base / "classes"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_nearest_neighbours_on_known_vectors():
+    from scott.eval.embed import nearest_neighbours
+
+    feats = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [-1.0, -0.1]])
+    idx, sims = nearest_neighbours(feats, [0, 2], k=2)
+    assert idx.tolist() == [[1, 2], [1, 0]]
+    assert sims[0, 0] == pytest.approx(0.9 / np.hypot(0.9, 0.1))
+    with pytest.raises(ValueError):
+        nearest_neighbours(feats, [0], k=4)
