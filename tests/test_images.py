@@ -372,3 +372,18 @@ def test_recipe_key_default_and_null():
 def test_recipe_key_bad_values(bad):
     with pytest.raises(RecipeError, match="data.max_image_pixels"):
         resolve_recipe({"data": {"max_image_pixels": bad}}, source="<t>", check_data=False)
+
+
+def test_build_dataset_passes_the_recipe_limit(tmp_path):
+    from scott.data.datasets import build_dataset
+
+    for split in ("train", "test"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        Image.new("RGB", (40, 30), (5, 6, 7)).save(tmp_path / split / "a" / "x.png")
+    data = {"name": "imagefolder", "root": str(tmp_path)}
+    ds = build_dataset(resolve_recipe({"data": {**data, "max_image_pixels": 1000}}, source="<t>")["data"], "train")
+    assert ds.max_image_pixels == 1000
+    with pytest.raises(BadImageError, match="40 x 30 = 1200 pixels, over the limit of 1000"):
+        ds[0]
+    ds = build_dataset(resolve_recipe({"data": data}, source="<t>")["data"], "train")
+    assert ds.max_image_pixels == DEFAULT_MAX_PIXELS and ds[0][0].size == (40, 30)

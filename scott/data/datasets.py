@@ -445,7 +445,7 @@ def _folder_dataset(root: Path | None, data_cfg, in_chans) -> ImageFileDataset:
         raise DatasetError(f"data.root: {exc}") from None
     kind = f"{len(scan.classes)} classes" if scan.labelled else "unlabelled"
     return ImageFileDataset(scan.paths, scan.labels, scan.classes, in_chans, data_cfg["on_bad_image"],
-                            description=f"folder {root} ({kind})")
+                            description=f"folder {root} ({kind})", max_image_pixels=data_cfg["max_image_pixels"])
 
 
 def has_labels(dataset) -> bool:
