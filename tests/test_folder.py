@@ -177,3 +177,24 @@ def test_nearest_neighbours_on_known_vectors():
     assert sims[0, 0] == pytest.approx(0.9 / np.hypot(0.9, 0.1))
     with pytest.raises(ValueError):
         nearest_neighbours(feats, [0], k=4)
+
+
+def test_a_folder_of_the_demo_images_trains_exactly_like_the_demo(tmp_path):
+    """The same images through data.name: folder (PNG files, sorted paths) and the embedded demo
+    arrays: same recipe, same steps, bit-identical weights."""
+    from scott import checkpoint as ck
+    from scott.data.datasets import build_dataset as build
+    from scott.train import pretrain
+
+    write_images(build({"name": "demo"}, "train"), tmp_path / "imgs", "nested")
+    steps = ["train.max_steps=3", "train.checkpoint_every=3", "train.monitor_every=0", "data.num_workers=0"]
+    demo = load_recipe(ROOT / "recipes" / "demo.yaml", steps)
+    folder = load_recipe(ROOT / "recipes" / "folder_cpu.yaml",
+                         [*steps, f"data.root={tmp_path / 'imgs'}", "model.in_chans=1"])
+    assert {k: v for k, v in folder.to_dict().items() if k not in ("data", "name")} == \
+        {k: v for k, v in demo.to_dict().items() if k not in ("data", "name")}
+    weights = []
+    for name, recipe in (("demo", demo), ("folder", folder)):
+        pretrain(recipe, tmp_path / name, log=lambda m: None)
+        weights.append(ck.load_tensors(tmp_path / name / "checkpoints" / "step_00000003" / "model.safetensors")[0])
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
