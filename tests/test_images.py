@@ -387,3 +387,16 @@ def test_build_dataset_passes_the_recipe_limit(tmp_path):
         ds[0]
     ds = build_dataset(resolve_recipe({"data": data}, source="<t>")["data"], "train")
     assert ds.max_image_pixels == DEFAULT_MAX_PIXELS and ds[0][0].size == (40, 30)
+
+
+def test_cielab_tiff_to_srgb(tmp_path):
+    img = Image.new("LAB", (4, 2), (128, 128, 128))  # L* 50, a* 0, b* 0: mid grey
+    img.paste((138, 209, 198), (2, 0, 4, 2))  # L* 54, a* 81, b* 70: sRGB red
+    path = tmp_path / "lab.tif"
+    img.save(path)
+    with Image.open(path) as check:
+        assert check.mode == "LAB"
+    got = _pixels(open_image(path, 3))
+    assert np.abs(got[0, 0] - [119, 119, 119]).max() <= 2
+    assert np.abs(got[0, 3] - [255, 0, 0]).max() <= 8
+    assert abs(_pixels(open_image(path, 1))[0, 0] - 119) <= 2

@@ -12,7 +12,8 @@ same rules :func:`convert_mode` applies to an image already in memory):
   composited on a WHITE background (:data:`BACKGROUND`), then converted to the target mode.
 - 1-bit: 0 / 255. Palette: its colours. CMYK (JPEG, Adobe-inverted or not, and TIFF): PIL's
   conversion ``R = 255 - min(255, C + K)`` etc., so pure cyan is (0, 255, 255); an embedded ICC
-  profile is not applied.
+  profile is not applied. CIELAB (TIFF): to sRGB (D50) with LittleCMS (PIL's plain conversion
+  would give wrong colours).
 - High bit depth is scaled by the range of the format, never stretched per image:
 
   * 16-bit grey ("I;16", "I;16B", "I;16L", "I;16N"): ``round(v / 65535 * 255)``. Data that use
@@ -113,6 +114,8 @@ def convert_mode(img: Image.Image, in_chans: int | None) -> Image.Image:
         return img
     if img.mode == "1":
         img = img.convert("L")
+    elif img.mode == "LAB":
+        img = _lab_to_rgb(img)
     elif img.mode in _HIGH_DEPTH:
         img = _to_8bit(img)
     if img.mode in _ALPHA_MODES or "transparency" in img.info:
@@ -157,6 +160,21 @@ def _to_8bit(img: Image.Image) -> Image.Image:
         peak = float(arr.max()) if arr.size else 0.0
         out = np.rint(arr * np.float32(255.0 if peak <= 1.0 else 255.0 / peak))
     return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
+
+
+_LAB_TRANSFORM = []  # built once: [ImageCms transform]
+
+
+def _lab_to_rgb(img: Image.Image) -> Image.Image:
+    """A CIELAB image (PIL's "LAB": L 0..255 for 0..100, a and b offset by 128) as sRGB."""
+    try:
+        from PIL import ImageCms
+    except ImportError as exc:  # pragma: no cover - PIL built without LittleCMS
+        raise ValueError(f"CIELAB images need PIL with LittleCMS ({exc})") from None
+    if not _LAB_TRANSFORM:
+        _LAB_TRANSFORM.append(ImageCms.buildTransform(
+            ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB"))
+    return ImageCms.applyTransform(img, _LAB_TRANSFORM[0])
 
 
 def _on_background(img: Image.Image) -> Image.Image:
