@@ -13,7 +13,11 @@ def __getattr__(name):
     if name in ("load_encoder", "extract_features"):
         from .eval import features
         return getattr(features, name)
+    if name == "from_pretrained":  # a model folder written by scott.hub.export_pretrained
+        from .hub import from_pretrained
+        return from_pretrained
     raise AttributeError(f"module 'scott' has no attribute {name!r}")
 
 
-__all__ = ["Tokenizer", "gather_visible", "ScottViT", "build_encoder", "load_encoder", "extract_features", "__version__"]
+__all__ = ["Tokenizer", "gather_visible", "ScottViT", "build_encoder", "load_encoder", "extract_features",
+           "from_pretrained", "__version__"]

@@ -301,10 +301,11 @@ def _check_export(state_dict: dict, model: ScottViT, path: str) -> None:
     from safetensors import safe_open
 
     from scott.checkpoint import ENCODER_FORMAT, encoder_digest
+    from scott.hub import WEIGHTS_FORMAT
 
     with safe_open(path, "pt") as fh:
         metadata = dict(fh.metadata() or {})
-    if metadata.get("format") != ENCODER_FORMAT:
+    if metadata.get("format") not in (ENCODER_FORMAT, WEIGHTS_FORMAT):  # encoder.safetensors, scott.hub folder
         return
     expected = metadata.get("sha256")
     if expected is not None and encoder_digest(state_dict, metadata) != expected:
@@ -331,6 +332,9 @@ def checkpoint_filter_fn(state_dict: dict, model: ScottViT) -> dict:
     already under ``encoder.``) is returned unchanged, its head's class count recorded in
     ``model.pretrained_cfg["num_classes"]`` (timm keeps the head when ``num_classes`` agrees)."""
     cfg = getattr(model, "pretrained_cfg", None)
+    folder = (cfg or {}).get("file")
+    if folder and Path(folder, "model.safetensors").is_file():  # timm "local-dir:FOLDER": a scott.hub folder
+        _check_export(state_dict, model, str(Path(folder, "model.safetensors")))
     if any(k.startswith("encoder.") for k in state_dict):
         if isinstance(cfg, dict):  # the source's head decides whether timm keeps it
             head = state_dict.get("head.weight")
