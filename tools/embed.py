@@ -4,7 +4,7 @@
                           [--batch-size 64] [--device cpu|cuda] [--on-bad-image error|skip]
 
 RUN_OR_ENCODER is a run folder (its encoder.safetensors, or context_encoder.safetensors with
---which context) or an exported encoder file. FOLDER is any folder of images (every image at
+--which context), an exported encoder file, or a shared model folder (tools/export_model.py). FOLDER is any folder of images (every image at
 any depth; hidden files and non-images ignored; class folders, if present, give labels).
 Images go through the encoder's own evaluation transform and pooling (model.global_pool, the
 kNN evaluation's), batched, on the GPU when there is one. Writes FILE.safetensors,
@@ -36,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="[cuda when available, else cpu]")
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--on-bad-image", default="error", choices=("error", "skip"))
+    parser.add_argument("--max-image-pixels", type=int, default=None,
+                        help="refuse larger images (width x height) [data.max_image_pixels' default]")
     return parser.parse_args(argv)
 
 
@@ -50,7 +52,8 @@ def main(argv=None) -> int:
     device = default_device(args.device)
     encoder = load_encoder_source(args.source, args.which, device)
     emb = embed_folder(encoder, args.folder, pool=args.pool, batch_size=args.batch_size, device=device,
-                       num_workers=args.num_workers, on_bad_image=args.on_bad_image)
+                       num_workers=args.num_workers, on_bad_image=args.on_bad_image,
+                       max_image_pixels=args.max_image_pixels or "default")
     files = write_embeddings(emb, args.out)
     labels = f", {len(emb.classes)} classes" if emb.classes else ", no labels"
     print(f"{len(emb.paths)} images{labels} -> {emb.features.shape[1]}-d features ({emb.pool} pooling): "

@@ -4,9 +4,11 @@
     accelerate launch [--cpu --num_processes 2] tools/pretrain.py RECIPE ...
 
 Writes the run folder (recipe.yaml, metrics.jsonl, tb/, checkpoints/, encoder.safetensors,
-context_encoder.safetensors). Afterwards the main process prints the kNN accuracy on the
+context_encoder.safetensors, export/). Afterwards the main process prints the kNN accuracy on the
 evaluation split of the pretrained target and context encoders next to a random-init encoder of
-the same recipe (skip with --no-knn).
+the same recipe and raw pixels (skip with --no-knn; skipped for images without labels), and
+writes export/: the target encoder as a shareable timm / Hugging Face model folder whose model
+card carries those numbers (scott.from_pretrained, timm "local-dir:", docs/sharing.md).
 
 Exit status: 0 done, 2 bad recipe or data / unusable output folder, 1 training stopped
 (non-finite loss, unusable checkpoints, a checkpoint that could not be written, e.g. disk full),
@@ -49,8 +51,7 @@ def main(argv=None) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)  # before the heavy imports: fail fast
     from scott.checkpoint import CheckpointError
-    from scott.train import (NonFiniteLossError, RunDirError, compare_with_random_init, pretrain,
-                             resolve_output_dir)
+    from scott.train import NonFiniteLossError, RunDirError, pretrain, resolve_output_dir
 
     from scott.interrupt import TrainingInterrupted
 
@@ -78,21 +79,29 @@ def main(argv=None) -> int:
     from scott.run_log import summary_table
 
     Console().print(summary_table(summary))
-    if args.no_knn:
-        return 0
+    report = None if args.no_knn else knn_report(recipe, output, summary.get("device"))
+    from scott.hub import export_pretrained
+
+    shared = export_pretrained(output, output / "export", metrics={"knn": report} if report else None)
+    print(f"shareable model folder (timm / Hugging Face layout): {shared}")
+    return 0
+
+
+def knn_report(recipe, output, device):
+    """Print the end-of-run kNN comparison and return it (``None`` when the images have no labels)."""
     from scott.data.datasets import build_pretrain_dataset, has_labels
+    from scott.train import compare_with_random_init
 
     if not has_labels(build_pretrain_dataset(recipe["data"])):
         print("kNN report skipped: the images have no labels (no class folders under data.root); "
               "embed them with tools/embed.py and look at them with tools/neighbours.py")
-        return 0
-    report = compare_with_random_init(output, recipe, device=summary.get("device"))
+        return None
+    report = compare_with_random_init(output, recipe, device=device)
     print(f"kNN top-1 (k={report['k']}, {report['pool']} pooling) on the {report['split']} split: "
           f"pretrained target encoder {100 * report['pretrained']:.2f} %, "
           f"pretrained context encoder {100 * report['pretrained_context']:.2f} %, "
           f"random init {100 * report['random_init']:.2f} %, raw pixels {100 * report['pixels']:.2f} %")
-    return 0
-
+    return report
 
 if __name__ == "__main__":
     from scott.cli import run_cli

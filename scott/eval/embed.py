@@ -33,13 +33,17 @@ class Embeddings:
 
 
 def embed_folder(encoder, folder, pool: str | None = None, batch_size: int = 64, device=None,
-                 num_workers: int = 0, on_bad_image: str = "error", max_image_pixels: int | None = None,
+                 num_workers: int = 0, on_bad_image: str = "error", max_image_pixels: int | None | str = "default",
                  progress: bool = True) -> Embeddings:
     """Features of every image under ``folder`` (``pool=None``: the encoder's ``global_pool``).
+
+    ``max_image_pixels`` is the decoder's size limit (``"default"``: the schema's
+    ``data.max_image_pixels`` default; ``None``: no limit).
 
     Raises ``scott.data.datasets.DatasetError`` (one line, naming the folder or file) for a
     missing or empty folder or an unreadable image under ``on_bad_image="error"``.
     """
+    from scott.config import SCHEMA
     from scott.data.datasets import IMAGE_EXTENSIONS, DatasetError, ImageFileDataset
     from scott.data.folder import scan_folder
     from scott.eval.features import encoder_in_chans, extract_features
@@ -48,9 +52,10 @@ def embed_folder(encoder, folder, pool: str | None = None, batch_size: int = 64,
         scan = scan_folder(folder, IMAGE_EXTENSIONS)
     except (FileNotFoundError, ValueError) as exc:
         raise DatasetError(f"{exc}") from None
-    kwargs = {"max_image_pixels": max_image_pixels} if max_image_pixels is not None else {}
+    if max_image_pixels == "default":
+        max_image_pixels = SCHEMA["data"]["max_image_pixels"].default
     dataset = ImageFileDataset(scan.paths, scan.labels, scan.classes, encoder_in_chans(encoder), on_bad_image,
-                               description=f"images under {scan.root}", **kwargs)
+                               description=f"images under {scan.root}", max_image_pixels=max_image_pixels)
     kept = {p: r for p, r in zip(scan.paths, scan.relative)}
     pool = pool or getattr(encoder, "global_pool", "avg")
     feats, labels = extract_features(encoder, dataset, pool=pool, batch_size=batch_size, device=device,

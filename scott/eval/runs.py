@@ -88,11 +88,16 @@ def load_run_source(path: str | Path, which: str = "target", overrides: Sequence
 
 
 def load_encoder_source(source: str | Path, which: str = "target", device=None):
-    """The encoder of a run folder or an exported encoder file, for a CLI: a missing or damaged
+    """The encoder of a run folder, an exported encoder file or a shared model folder
+    (``config.json`` + ``model.safetensors``, :mod:`scott.hub`), for a CLI: a missing or damaged
     file is a one-line :class:`scott.config.RecipeError`."""
     from scott.config import RecipeError
 
     try:
+        if (Path(source) / "config.json").is_file() and (Path(source) / "model.safetensors").is_file():
+            from scott.hub import from_pretrained
+
+            return from_pretrained(source).encoder.to(device or "cpu").eval()
         return load_encoder(source, which=which, device=device)
     except (FileNotFoundError, ValueError) as exc:
         raise RecipeError(f"{source}: {exc}") from None
