@@ -111,7 +111,8 @@ SCHEMA: Mapping[str, Mapping[str, Field]] = {
         "download": Field("bool", False),
         "transductive": Field("bool", False),
         "on_bad_image": Field("choice", "error", choices=("error", "skip")),
-        "max_image_pixels": _pos_int(178_956_970, nullable=True),  # width x height; null: no limit
+        "max_image_pixels": _pos_int(178_956_970, nullable=True),
+        "class_folders": Field("bool", True),  # folder: first-level folders are classes (evaluation only)  # width x height; null: no limit
         "num_workers": _nonneg_int(2),
         "augment": Field("choice", "paper", choices=("paper", "light", "none")),
         "crop_scale": _unit_pair([0.2, 1.0]),

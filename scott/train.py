@@ -394,6 +394,9 @@ def pretrain(recipe: Mapping, output_dir: str | Path, resume: bool = False, acce
     total = run.total_steps
     every = int(train_cfg["checkpoint_every"])
     monitor_every = int(train_cfg["monitor_every"])
+    described = getattr(getattr(run.parts.dataset, "base", None), "description", None)
+    if described and start == 0:
+        run.log(f"pretraining data: {run.parts.num_samples} images, {described}")
     if monitor_every and not _labelled(run.parts.dataset):
         run.log("note: the pretraining images have no labels (no class folders), so the kNN monitor "
                 "(train.monitor_every) is off")

@@ -71,6 +71,12 @@ def test_class_folders_give_labels_only_with_two_or_more(tmp_path):
     one = tmp_path / "one"
     _png(one / "only" / "1.png")
     assert not scan_folder(one, IMAGE_EXTENSIONS).labelled
+    # first-level folders that are not classes (dates, batches): data.class_folders: false
+    assert not scan_folder(tmp_path, IMAGE_EXTENSIONS, class_folders=False).labelled
+    named = build_dataset({"name": "folder", "root": str(tmp_path)}, "train")
+    assert "labels from 3 class folders: cats, dogs, one" in named.description  # "one" is inside tmp_path
+    plain = build_dataset({"name": "folder", "root": str(tmp_path), "class_folders": False}, "train")
+    assert not has_labels(plain) and "unlabelled" in plain.description
 
 
 def test_missing_or_empty_folders_are_one_line_errors(tmp_path):
@@ -134,10 +140,12 @@ def test_pretrain_on_a_nested_folder_then_embed_and_look(demo_folders, tmp_path,
     run = tmp_path / "run"
     assert _exit(_tool("pretrain"), ["recipes/folder_cpu.yaml", "--output", str(run),
                                      "--set", f"data.root={base / 'nested'}", "--set", "train.max_steps=2",
+                                     "--set", "data.class_folders=false",
                                      *sum((["--set", s] for s in SMALL), [])]) == 0
     out = capsys.readouterr().out
     assert "kNN report skipped: the images have no labels" in out
     assert "kNN monitor" in out  # the monitor (monitor_every: 3) says it is off
+    assert "pretraining data: 48 images, folder" in out and "unlabelled" in out
 
     emb_file = tmp_path / "emb" / "feats"
     assert _exit(_tool("embed"), [str(run), str(base / "classes"), "--out", str(emb_file), "--batch-size", "16"]) == 0

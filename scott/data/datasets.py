@@ -440,10 +440,14 @@ def _folder_dataset(root: Path | None, data_cfg, in_chans) -> ImageFileDataset:
     if root is None:
         raise DatasetError("data.root: required for data.name 'folder' (the folder holding your images)")
     try:
-        scan = scan_folder(root, IMAGE_EXTENSIONS)
+        scan = scan_folder(root, IMAGE_EXTENSIONS, class_folders=data_cfg["class_folders"])
     except (FileNotFoundError, ValueError) as exc:
         raise DatasetError(f"data.root: {exc}") from None
-    kind = f"{len(scan.classes)} classes" if scan.labelled else "unlabelled"
+    if scan.labelled:
+        shown = ", ".join(scan.classes[:6]) + (", ..." if len(scan.classes) > 6 else "")
+        kind = f"labels from {len(scan.classes)} class folders: {shown}; data.class_folders: false if they are not classes"
+    else:
+        kind = "unlabelled"
     return ImageFileDataset(scan.paths, scan.labels, scan.classes, in_chans, data_cfg["on_bad_image"],
                             description=f"folder {root} ({kind})", max_image_pixels=data_cfg["max_image_pixels"])
 

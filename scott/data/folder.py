@@ -10,8 +10,10 @@ Rules of :func:`scan_folder`:
   same images in the same order on every machine;
 * labels exist only when the folder is ``root/<class>/...`` with at least two class folders and
   no image directly in ``root``: the class is the first folder of the relative path, classes are
-  sorted by name. Otherwise every label is ``UNLABELLED`` (-1): pretraining needs none, and kNN /
-  probes say they need labels.
+  sorted by name. Otherwise, or with ``data.class_folders: false`` (first-level folders that are
+  not classes, e.g. dates or batches), every label is ``UNLABELLED`` (-1): pretraining needs
+  none, and kNN / probes say they need labels. The dataset's description names the classes it
+  found, and a run prints it, so a misread layout is visible at once.
 """
 from __future__ import annotations
 
@@ -61,10 +63,11 @@ def _walk_once(root: Path):
     return found
 
 
-def scan_folder(root: str | Path, extensions) -> FolderScan:
-    """The images under ``root`` by the module's rules. Raises ``FileNotFoundError`` when
-    ``root`` is not a folder and ``ValueError`` when it holds no image (the dataset builder turns
-    both into one-line ``DatasetError`` messages naming ``data.root``)."""
+def scan_folder(root: str | Path, extensions, class_folders: bool = True) -> FolderScan:
+    """The images under ``root`` by the module's rules (``class_folders=False``: never labels).
+    Raises ``FileNotFoundError`` when ``root`` is not a folder and ``ValueError`` when it holds no
+    image (the dataset builder turns both into one-line ``DatasetError`` messages naming
+    ``data.root``)."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"folder '{root}' does not exist")
@@ -75,7 +78,7 @@ def scan_folder(root: str | Path, extensions) -> FolderScan:
                          "hidden files and folders are ignored)")
     first = [p.split("/", 1)[0] if "/" in p else None for p in relative]
     classes = sorted({f for f in first if f is not None})
-    if None in first or len(classes) < 2:
+    if not class_folders or None in first or len(classes) < 2:
         labels = np.full(len(relative), UNLABELLED, dtype=np.int64)
         classes = []
     else:
