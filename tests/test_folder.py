@@ -210,3 +210,41 @@ def test_a_folder_of_the_demo_images_trains_exactly_like_the_demo(tmp_path):
         pretrain(recipe, tmp_path / name, log=lambda m: None)
         weights.append(ck.load_tensors(tmp_path / name / "checkpoints" / "step_00000003" / "model.safetensors")[0])
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.mark.slow
+def test_full_walk_through_from_a_folder_to_neighbours_and_a_shared_model(tmp_path, capsys):
+    """docs/own_images.md end to end with the shipped recipe (6 epochs): the folder-pretrained
+    encoder equals the demo recipe's (the same images), and every tool works on it."""
+    import timm
+
+    import scott
+    from scott.eval.features import load_encoder
+    from scott.train import pretrain
+
+    mine, test = tmp_path / "my_images", tmp_path / "my_test"
+    assert _exit(_tool("demo_to_folder"), [str(mine)]) == 0
+    assert _exit(_tool("demo_to_folder"), [str(test), "--split", "test", "--layout", "classes"]) == 0
+    run = tmp_path / "run"
+    assert _exit(_tool("pretrain"), ["recipes/folder_cpu.yaml", "--set", f"data.root={mine}", "--set",
+                                     "data.class_folders=false", "--set", "model.in_chans=1", "--output", str(run)]) == 0
+    demo_run = tmp_path / "demo"
+    pretrain(load_recipe(ROOT / "recipes" / "demo.yaml", ["train.monitor_every=0"]), demo_run, log=lambda m: None)
+    a, b = load_encoder(run).state_dict(), load_encoder(demo_run).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same training, image for image
+
+    knn = _tool("eval_knn")
+    for source, out in ((run, tmp_path / "folder.json"), (demo_run, tmp_path / "demo.json")):
+        assert _exit(knn, [str(source), "--set", "data.name=demo", "--set", "data.root=null", "--set",
+                           "data.eval_split=test", "--k", "20", "--json", str(out)]) == 0
+    folder_knn = json.loads((tmp_path / "folder.json").read_text())["k"]["20"]["top1"]
+    assert folder_knn == json.loads((tmp_path / "demo.json").read_text())["k"]["20"]["top1"]
+
+    assert _exit(_tool("embed"), [str(run), str(mine), "--out", str(tmp_path / "emb")]) == 0
+    assert _exit(_tool("neighbours"), [str(run), str(test), "--out", str(tmp_path / "n.png"),
+                                       "--map", str(tmp_path / "m.png")]) == 0
+    shared = scott.from_pretrained(run / "export")
+    via_timm = timm.create_model(f"local-dir:{run / 'export'}", pretrained=True)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(shared(x), via_timm(x))
