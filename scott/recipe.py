@@ -37,14 +37,14 @@ def _annotation(spec: Field):
     return base | None if spec.nullable else base
 
 
-class Section(Mapping):
-    """Base of the frozen recipe sections: attribute access plus the read-only Mapping protocol."""
+class _FieldsMapping(Mapping):
+    """The read-only Mapping protocol over a dataclass's fields (keys = field names)."""
 
-    SECTION = ""
+    _KEY_PREFIX = ""
 
     def __getitem__(self, key: str) -> Any:
         if key not in self.__dataclass_fields__:
-            raise KeyError(f"{self.SECTION}.{key}")
+            raise KeyError(f"{self._KEY_PREFIX}{key}")
         return getattr(self, key)
 
     def __iter__(self) -> Iterator[str]:
@@ -53,12 +53,18 @@ class Section(Mapping):
     def __len__(self) -> int:
         return len(self.__dataclass_fields__)
 
+    __hash__ = None  # equal by value and holding lists: not hashable
+
+
+class Section(_FieldsMapping):
+    """Base of the frozen recipe sections: attribute access plus the read-only Mapping protocol."""
+
+    SECTION = ""
+
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Mapping):
             return dict(self) == dict(other)
         return NotImplemented
-
-    __hash__ = None  # sections hold lists; equal-by-value objects are not hashable
 
     def to_dict(self) -> dict:
         """A plain (deep-copied) dict of the section."""
@@ -76,7 +82,7 @@ def _section_class(section: str, fields: Mapping[str, Field]) -> type[Section]:
                                 metadata={"spec": spec}))
              for key, spec in fields.items()]
     cls = dataclasses.make_dataclass(name, specs, bases=(Section,), frozen=True, eq=False,
-                                     namespace={"SECTION": section, "__module__": __name__,
+                                     namespace={"SECTION": section, "_KEY_PREFIX": f"{section}.", "__module__": __name__,
                                                 "__doc__": f"The validated ``{section}`` section of a recipe "
                                                            f"(keys and defaults: ``scott.config.SCHEMA['{section}']``)."})
     return cls
@@ -92,7 +98,7 @@ TrainConfig = SECTION_TYPES["train"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Recipe(Mapping):
+class Recipe(_FieldsMapping):
     """A complete, validated recipe (built by ``scott.config.resolve_recipe``)."""
 
     name: str
@@ -108,23 +114,10 @@ class Recipe(Mapping):
         """Wrap the nested dict ``resolve_recipe`` has already completed and checked."""
         return cls(name=resolved["name"], **{s: SECTION_TYPES[s](**resolved[s]) for s in SCHEMA})
 
-    def __getitem__(self, key: str) -> Any:
-        if key not in self.__dataclass_fields__:
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.__dataclass_fields__)
-
-    def __len__(self) -> int:
-        return len(self.__dataclass_fields__)
-
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Mapping):
             return self.to_dict() == {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in other.items()}
         return NotImplemented
-
-    __hash__ = None
 
     def to_dict(self) -> dict:
         """Plain nested dicts (JSON / YAML ready)."""

@@ -7,7 +7,6 @@ absence of a traceback is checked on the actual stderr.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import logging
 import os
@@ -21,11 +20,11 @@ import torch
 from PIL import Image
 
 from scott.checkpoint import export_encoder
-from scott.cli import run_cli
 from scott.config import format_recipe, load_recipe
 from scott.data.datasets import BadImageError, ImageFileDataset, scan_image_folder
 from scott.data.transforms import eval_transform_spec
 from scott.models import build_encoder
+from cli_helpers import exit_code, load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "recipes" / "demo.yaml"
@@ -34,19 +33,10 @@ TINY = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.predi
         "model.predictor_depth=1", "model.hidden_dim=8", "data.num_workers=0"]
 
 
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def run_tool(name, argv, capsys) -> tuple[int, str]:
     """(exit status, stderr) of ``tools/<name>.py argv`` run in-process through run_cli."""
-    tool = load_tool(name)
-    with pytest.raises(SystemExit) as info:
-        run_cli(lambda: tool.main(argv))
-    return info.value.code, capsys.readouterr().err
+    return exit_code(load_tool(name), argv), capsys.readouterr().err
 
 
 def run_subprocess(argv, cwd=None, **env) -> subprocess.CompletedProcess:

@@ -1,6 +1,5 @@
 """Evaluation CLIs end to end on a tiny exported run folder (demo data, small subsets)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -8,26 +7,15 @@ import pytest
 import torch
 
 from scott.checkpoint import export_encoder
-from scott.cli import run_cli
 from scott.config import format_recipe, load_recipe
 from scott.data.transforms import eval_transform_spec
 from scott.models import build_encoder
+from cli_helpers import exit_code, load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.hidden_dim=8"]
 
 
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def exit_code(tool, argv):
-    with pytest.raises(SystemExit) as info:
-        run_cli(lambda: tool.main(argv))
-    return info.value.code
 
 
 @pytest.fixture(scope="module")

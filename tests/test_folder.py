@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from scott.cli import run_cli
 from scott.config import RecipeError, load_recipe
 from scott.data.datasets import DatasetError, IMAGE_EXTENSIONS, build_dataset, build_pretrain_dataset, has_labels
 from scott.data.folder import UNLABELLED, scan_folder, write_images
+from cli_helpers import exit_code, load_tool
 from train_helpers import one_torch_thread  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,19 +26,6 @@ def _png(path, value=128, size=(8, 8)):
     return path
 
 
-def _tool(name):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _exit(tool, argv):
-    with pytest.raises(SystemExit) as info:
-        run_cli(lambda: tool.main(argv))
-    return info.value.code
 
 
 # ----------------------------------------------------------------------------- scanning rules
@@ -138,7 +125,7 @@ def test_written_demo_images_are_the_demo_images(demo_folders):
 def test_pretrain_on_a_nested_folder_then_embed_and_look(demo_folders, tmp_path, capsys):
     base, _ = demo_folders
     run = tmp_path / "run"
-    assert _exit(_tool("pretrain"), ["recipes/folder_cpu.yaml", "--output", str(run),
+    assert exit_code(load_tool("pretrain"), ["recipes/folder_cpu.yaml", "--output", str(run),
                                      "--set", f"data.root={base / 'nested'}", "--set", "train.max_steps=2",
                                      "--set", "data.class_folders=false",
                                      *sum((["--set", s] for s in SMALL), [])]) == 0
@@ -148,7 +135,7 @@ def test_pretrain_on_a_nested_folder_then_embed_and_look(demo_folders, tmp_path,
     assert "pretraining data: 48 images, folder" in out and "unlabelled" in out
 
     emb_file = tmp_path / "emb" / "feats"
-    assert _exit(_tool("embed"), [str(run), str(base / "classes"), "--out", str(emb_file), "--batch-size", "16"]) == 0
+    assert exit_code(load_tool("embed"), [str(run), str(base / "classes"), "--out", str(emb_file), "--batch-size", "16"]) == 0
     from scott.eval.embed import read_embeddings
     from scott.eval.features import extract_features, load_encoder
 
@@ -164,20 +151,20 @@ def test_pretrain_on_a_nested_folder_then_embed_and_look(demo_folders, tmp_path,
     assert [r["path"] for r in rows] == emb.paths and rows[0]["class"] == emb.classes[int(rows[0]["label"])]
 
     grid, pca = tmp_path / "grid.png", tmp_path / "map.png"
-    assert _exit(_tool("neighbours"), [str(run), str(base / "classes"), "--queries", "3", "--k", "4",
+    assert exit_code(load_tool("neighbours"), [str(run), str(base / "classes"), "--queries", "3", "--k", "4",
                                        "--out", str(grid), "--map", str(pca), "--thumb", "32"]) == 0
     out = capsys.readouterr().out
     assert "share their query's class folder" in out
     with Image.open(grid) as g:
         assert g.size[1] > 3 * 32 and g.size[0] > 5 * 32  # 3 rows of query + 4 neighbours
     assert Image.open(pca).size[0] > 400
-    assert _exit(_tool("neighbours"), [str(run), str(base / "classes"), "--k", "48"]) == 2  # only 47 others
+    assert exit_code(load_tool("neighbours"), [str(run), str(base / "classes"), "--k", "48"]) == 2  # only 47 others
     # the run's shareable model folder embeds the same images to the same vectors
     assert (run / "export" / "config.json").is_file()
-    assert _exit(_tool("embed"), [str(run / "export"), str(base / "classes"), "--out", str(tmp_path / "hf")]) == 0
+    assert exit_code(load_tool("embed"), [str(run / "export"), str(base / "classes"), "--out", str(tmp_path / "hf")]) == 0
     assert torch.allclose(read_embeddings(tmp_path / "hf").features, emb.features, atol=1e-6)
-    assert _exit(_tool("embed"), [str(run), str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
-    assert _exit(_tool("embed"), [str(tmp_path / "norun"), str(base / "classes"), "--out", str(tmp_path / "x")]) == 2
+    assert exit_code(load_tool("embed"), [str(run), str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
+    assert exit_code(load_tool("embed"), [str(tmp_path / "norun"), str(base / "classes"), "--out", str(tmp_path / "x")]) == 2
 
 
 def test_nearest_neighbours_on_known_vectors():
@@ -223,25 +210,25 @@ def test_full_walk_through_from_a_folder_to_neighbours_and_a_shared_model(tmp_pa
     from scott.train import pretrain
 
     mine, test = tmp_path / "my_images", tmp_path / "my_test"
-    assert _exit(_tool("demo_to_folder"), [str(mine)]) == 0
-    assert _exit(_tool("demo_to_folder"), [str(test), "--split", "test", "--layout", "classes"]) == 0
+    assert exit_code(load_tool("demo_to_folder"), [str(mine)]) == 0
+    assert exit_code(load_tool("demo_to_folder"), [str(test), "--split", "test", "--layout", "classes"]) == 0
     run = tmp_path / "run"
-    assert _exit(_tool("pretrain"), ["recipes/folder_cpu.yaml", "--set", f"data.root={mine}", "--set",
+    assert exit_code(load_tool("pretrain"), ["recipes/folder_cpu.yaml", "--set", f"data.root={mine}", "--set",
                                      "data.class_folders=false", "--set", "model.in_chans=1", "--output", str(run)]) == 0
     demo_run = tmp_path / "demo"
     pretrain(load_recipe(ROOT / "recipes" / "demo.yaml", ["train.monitor_every=0"]), demo_run, log=lambda m: None)
     a, b = load_encoder(run).state_dict(), load_encoder(demo_run).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same training, image for image
 
-    knn = _tool("eval_knn")
+    knn = load_tool("eval_knn")
     for source, out in ((run, tmp_path / "folder.json"), (demo_run, tmp_path / "demo.json")):
-        assert _exit(knn, [str(source), "--set", "data.name=demo", "--set", "data.root=null", "--set",
+        assert exit_code(knn, [str(source), "--set", "data.name=demo", "--set", "data.root=null", "--set",
                            "data.eval_split=test", "--k", "20", "--json", str(out)]) == 0
     folder_knn = json.loads((tmp_path / "folder.json").read_text())["k"]["20"]["top1"]
     assert folder_knn == json.loads((tmp_path / "demo.json").read_text())["k"]["20"]["top1"]
 
-    assert _exit(_tool("embed"), [str(run), str(mine), "--out", str(tmp_path / "emb")]) == 0
-    assert _exit(_tool("neighbours"), [str(run), str(test), "--out", str(tmp_path / "n.png"),
+    assert exit_code(load_tool("embed"), [str(run), str(mine), "--out", str(tmp_path / "emb")]) == 0
+    assert exit_code(load_tool("neighbours"), [str(run), str(test), "--out", str(tmp_path / "n.png"),
                                        "--map", str(tmp_path / "m.png")]) == 0
     shared = scott.from_pretrained(run / "export")
     via_timm = timm.create_model(f"local-dir:{run / 'export'}", pretrained=True)

@@ -1,7 +1,6 @@
 """A model folder to share (scott.hub, tools/export_model.py): config.json + model.safetensors +
 README.md, loaded offline by scott.from_pretrained and by timm's "local-dir:" route."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -14,13 +13,13 @@ from timm.data import resolve_data_config
 
 import scott
 from scott.checkpoint import DamagedFileError, export_encoder
-from scott.cli import run_cli
 from scott.config import format_recipe, load_recipe
 from scott.data.transforms import eval_transform_spec
 from scott.eval.features import load_encoder
 from scott.hub import closest_architecture, export_pretrained, from_pretrained
 from scott.models import build_encoder
 from scott.models.timm_family import FAMILY
+from cli_helpers import exit_code, load_tool
 from train_helpers import one_torch_thread  # noqa: F401 (autouse: 1 thread)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,17 +33,6 @@ LINEAR = {"top1": 0.8675, "top5": 1.0, "split": "test", "n_train": 100, "n_test"
           "selected": {"lr": 0.1, "epochs": 2}}
 
 
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def exit_code(tool, argv):
-    with pytest.raises(SystemExit) as info:
-        run_cli(lambda: tool.main(argv))
-    return info.value.code
 
 
 @pytest.fixture(scope="module")
