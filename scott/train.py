@@ -397,7 +397,8 @@ def pretrain(recipe: Mapping, output_dir: str | Path, resume: bool = False, acce
     described = getattr(getattr(run.parts.dataset, "base", None), "description", None)
     if described and start == 0:
         run.log(f"pretraining data: {run.parts.num_samples} images, {described}")
-    if monitor_every and not _labelled(run.parts.dataset):
+    labelled = _labelled(run.parts.dataset)
+    if monitor_every and not labelled:
         run.log("note: the pretraining images have no labels (no class folders), so the kNN monitor "
                 "(train.monitor_every) is off")
         monitor_every = 0
@@ -461,7 +462,7 @@ def pretrain(recipe: Mapping, output_dir: str | Path, resume: bool = False, acce
                "processes": run.acc.num_processes, "global_batch": run.global_batch,
                "is_main_process": run.is_main, "device": str(run.acc.device),
                "encoder": str(paths["target"]), "context_encoder": str(paths["context"]),
-               "last_checkpoint": str(run.last_checkpoint)}
+               "last_checkpoint": str(run.last_checkpoint), "labelled": labelled}
     if knn_last is not None:
         summary["knn_top1_monitor"] = knn_last
     return summary

@@ -33,7 +33,6 @@ TINY = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.predi
         "model.predictor_depth=1", "model.hidden_dim=8", "data.num_workers=0"]
 
 
-
 def run_tool(name, argv, capsys) -> tuple[int, str]:
     """(exit status, stderr) of ``tools/<name>.py argv`` run in-process through run_cli."""
     return exit_code(load_tool(name), argv), capsys.readouterr().err

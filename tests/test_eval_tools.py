@@ -16,8 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.hidden_dim=8"]
 
 
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("run")

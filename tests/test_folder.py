@@ -26,8 +26,6 @@ def _png(path, value=128, size=(8, 8)):
     return path
 
 
-
-
 # ----------------------------------------------------------------------------- scanning rules
 def test_scan_finds_images_at_any_depth_in_sorted_order_and_ignores_the_rest(tmp_path):
     for rel in ("b.png", "a/z.JPG", "a/c/d.png", "a/c/e.tif"):

@@ -33,8 +33,6 @@ LINEAR = {"top1": 0.8675, "top5": 1.0, "split": "test", "n_train": 100, "n_test"
           "selected": {"lr": 0.1, "epochs": 2}}
 
 
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("run")

@@ -4,27 +4,10 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from scott.data.transforms import build_pretrain_transform
-from scott.masks import build_mask_generator, masks_for_step
-from scott.objectives import build_objective
 from scott.self_distillation import ProjectionHead, SelfDistillation, distillation_loss
-
-MODEL = dict(tokenizer="small", backend="dense", img_size=16, patch_size=4, in_chans=1, embed_dim=32,
-             depth=2, num_heads=2, mlp_ratio=2.0, hidden_dim=8, predictor_depth=1, predictor_dim=16,
-             context_tokens="visible")
-
-
-def _objective(**objective):
-    torch.manual_seed(0)
-    return build_objective({"model": dict(MODEL), "objective": {"name": "mimjepa", **objective}})
-
-
-def _masks(b, seed=0):
-    gen = build_mask_generator({"kind": "blockwise", "ratio": 0.5, "min_block": 2}, (4, 4))
-    return masks_for_step(gen, b, seed, 0)
-
+from test_objective_levers import _masks, _objective  # the same tiny MIM-JEPA and masks
 
 def test_loss_is_the_cross_entropy_of_the_sharpened_centred_teacher():
     s, t = torch.tensor([[1.0, 0.0, -1.0]]), torch.tensor([[0.2, 0.1, 0.0]])

@@ -18,14 +18,7 @@ from scott.tokenizer.backends import _tiles_ops as ops
 from scott.tokenizer.backends import dense, tiles
 from scott.tokenizer.backends._tiles_grid import TileGrid
 from scott.tokenizer.layers import Blur, Conv
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from train_helpers import one_torch_thread  # noqa: F401  (autouse: 1 torch thread)
 
 
 @pytest.fixture

@@ -88,7 +88,7 @@ def test_run_start_says_when_the_ema_target_will_stay_near_its_init(tmp_path, ca
 def test_run_folder_metrics_schedules_and_exports(tmp_path):
     recipe = tiny_recipe()
     summary = _run(recipe, tmp_path)
-    assert summary["steps"] == 6 and summary["start_step"] == 0
+    assert summary["steps"] == 6 and summary["start_step"] == 0 and summary["labelled"]
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6]
     assert [r["epoch"] for r in lines] == [0, 0, 0, 0, 1, 1]  # 32 images / batch 8 = 4 steps per epoch

@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     encoder = load_encoder_source(args.source, args.which, device)
     emb = embed_folder(encoder, args.folder, pool=args.pool, batch_size=args.batch_size, device=device,
                        num_workers=args.num_workers, on_bad_image=args.on_bad_image,
-                       max_image_pixels=args.max_image_pixels or "default")
+                       **({"max_image_pixels": args.max_image_pixels} if args.max_image_pixels else {}))
     files = write_embeddings(emb, args.out)
     labels = f", {len(emb.classes)} classes" if emb.classes else ", no labels"
     print(f"{len(emb.paths)} images{labels} -> {emb.features.shape[1]}-d features ({emb.pool} pooling): "

@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     from scott.run_log import summary_table
 
     Console().print(summary_table(summary))
-    report = None if args.no_knn else knn_report(recipe, output, summary.get("device"))
+    report = None if args.no_knn else knn_report(recipe, output, summary.get("device"), summary["labelled"])
     from scott.hub import export_pretrained
 
     shared = export_pretrained(output, output / "export", metrics={"knn": report} if report else None)
@@ -87,12 +87,11 @@ def main(argv=None) -> int:
     return 0
 
 
-def knn_report(recipe, output, device):
+def knn_report(recipe, output, device, labelled: bool):
     """Print the end-of-run kNN comparison and return it (``None`` when the images have no labels)."""
-    from scott.data.datasets import build_pretrain_dataset, has_labels
     from scott.train import compare_with_random_init
 
-    if not has_labels(build_pretrain_dataset(recipe["data"])):
+    if not labelled:
         print("kNN report skipped: the images have no labels (no class folders under data.root); "
               "embed them with tools/embed.py and look at them with tools/neighbours.py")
         return None

@@ -62,6 +62,7 @@ __all__ = [
     "build_pretrain_dataset",
     "check_dataset_size",
     "has_labels",
+    "folder_dataset",
     "convert_channels",
     "pretrain_split",
     "scan_image_folder",
@@ -434,22 +435,33 @@ def _load_stored(name: str, root: Path | None, stored: str, data_cfg: dict, in_c
 
 
 def _folder_dataset(root: Path | None, data_cfg, in_chans) -> ImageFileDataset:
-    """Every image under ``data.root`` (``scott.data.folder`` rules; labels only from class folders)."""
-    from .folder import scan_folder
-
+    """The recipe's folder (``data.root``); errors name the key."""
     if root is None:
         raise DatasetError("data.root: required for data.name 'folder' (the folder holding your images)")
     try:
-        scan = scan_folder(root, IMAGE_EXTENSIONS, class_folders=data_cfg["class_folders"])
-    except (FileNotFoundError, ValueError) as exc:
+        return folder_dataset(root, in_chans, data_cfg["on_bad_image"], data_cfg["max_image_pixels"],
+                              data_cfg["class_folders"])
+    except DatasetError as exc:
         raise DatasetError(f"data.root: {exc}") from None
+
+
+def folder_dataset(root, in_chans: int | None = None, on_bad_image: str = "error",
+                   max_image_pixels: int | None = DEFAULT_MAX_PIXELS, class_folders: bool = True) -> ImageFileDataset:
+    """Every image under ``root`` (``scott.data.folder`` rules; labels only from class folders).
+    A missing folder or one without images is a one-line ``DatasetError``."""
+    from .folder import scan_folder
+
+    try:
+        scan = scan_folder(root, IMAGE_EXTENSIONS, class_folders=class_folders)
+    except (FileNotFoundError, ValueError) as exc:
+        raise DatasetError(str(exc)) from None
     if scan.labelled:
         shown = ", ".join(scan.classes[:6]) + (", ..." if len(scan.classes) > 6 else "")
         kind = f"labels from {len(scan.classes)} class folders: {shown}; data.class_folders: false if they are not classes"
     else:
         kind = "unlabelled"
-    return ImageFileDataset(scan.paths, scan.labels, scan.classes, in_chans, data_cfg["on_bad_image"],
-                            description=f"folder {root} ({kind})", max_image_pixels=data_cfg["max_image_pixels"])
+    return ImageFileDataset(scan.paths, scan.labels, scan.classes, in_chans, on_bad_image,
+                            description=f"folder {scan.root} ({kind})", max_image_pixels=max_image_pixels)
 
 
 def has_labels(dataset) -> bool:

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from scott.data.images import DEFAULT_MAX_PIXELS
+
 __all__ = ["Embeddings", "embed_folder", "nearest_neighbours", "write_embeddings", "read_embeddings"]
 
 
@@ -33,35 +35,25 @@ class Embeddings:
 
 
 def embed_folder(encoder, folder, pool: str | None = None, batch_size: int = 64, device=None,
-                 num_workers: int = 0, on_bad_image: str = "error", max_image_pixels: int | None | str = "default",
+                 num_workers: int = 0, on_bad_image: str = "error", max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
                  progress: bool = True) -> Embeddings:
-    """Features of every image under ``folder`` (``pool=None``: the encoder's ``global_pool``).
-
-    ``max_image_pixels`` is the decoder's size limit (``"default"``: the schema's
-    ``data.max_image_pixels`` default; ``None``: no limit).
+    """Features of every image under ``folder`` (``pool=None``: the encoder's ``global_pool``),
+    read by :func:`scott.data.datasets.folder_dataset` (``max_image_pixels``: the decoder's size
+    limit, ``None`` = none).
 
     Raises ``scott.data.datasets.DatasetError`` (one line, naming the folder or file) for a
     missing or empty folder or an unreadable image under ``on_bad_image="error"``.
     """
-    from scott.config import SCHEMA
-    from scott.data.datasets import IMAGE_EXTENSIONS, DatasetError, ImageFileDataset
-    from scott.data.folder import scan_folder
+    from scott.data.datasets import folder_dataset
     from scott.eval.features import encoder_in_chans, extract_features
 
-    try:
-        scan = scan_folder(folder, IMAGE_EXTENSIONS)
-    except (FileNotFoundError, ValueError) as exc:
-        raise DatasetError(f"{exc}") from None
-    if max_image_pixels == "default":
-        max_image_pixels = SCHEMA["data"]["max_image_pixels"].default
-    dataset = ImageFileDataset(scan.paths, scan.labels, scan.classes, encoder_in_chans(encoder), on_bad_image,
-                               description=f"images under {scan.root}", max_image_pixels=max_image_pixels)
-    kept = {p: r for p, r in zip(scan.paths, scan.relative)}
+    dataset = folder_dataset(folder, encoder_in_chans(encoder), on_bad_image, max_image_pixels)
+    root = Path(folder).expanduser()
     pool = pool or getattr(encoder, "global_pool", "avg")
     feats, labels = extract_features(encoder, dataset, pool=pool, batch_size=batch_size, device=device,
                                      num_workers=num_workers, progress=progress, description=f"embed ({pool})")
-    return Embeddings(feats.float(), [kept[p] for p in dataset.paths], labels, list(scan.classes),
-                      str(scan.root), pool)
+    return Embeddings(feats.float(), [p.relative_to(root).as_posix() for p in dataset.paths], labels,
+                      list(dataset.classes), str(root), pool)
 
 
 def nearest_neighbours(features: torch.Tensor, queries, k: int) -> tuple[torch.Tensor, torch.Tensor]:
