@@ -35,7 +35,7 @@ import torch.nn as nn
 from scott import checkpoint as ck
 from scott.interrupt import StopRequest, TrainingInterrupted, ignore_in_worker
 from scott.mask_collator import MaskCollator, StepItems
-from scott.optim_groups import param_groups
+from scott.optim_groups import adamw, param_groups
 from scott.eval.online import compare_with_random_init, knn_monitor, knn_sets  # noqa: F401  (re-exported)
 from scott.run_folder import (CONTEXT_ENCODER_FILE, ENCODER_FILE, MODEL_FILE, OPTIMIZER_FILE,
                               SCALER_FILE, RunDirError, prepare_run_dir, resolve_output_dir)
@@ -189,8 +189,7 @@ class PretrainRun:
         objective = self.parts.objective
         groups = (objective.param_groups(float(optim["weight_decay"])) if hasattr(objective, "param_groups")
                   else param_groups(objective, float(optim["weight_decay"])))
-        optimizer = torch.optim.AdamW(groups, lr=float(optim["lr"]),
-                                      betas=tuple(optim["betas"]))
+        optimizer = adamw(groups, lr=float(optim["lr"]), betas=tuple(optim["betas"]))
         self.model, self.optimizer = self.acc.prepare(objective, optimizer)
         self.start_step = 0
         self.last_checkpoint: Path | None = None

@@ -156,6 +156,22 @@ def test_dense_all_visible_is_the_plain_conv_stem():
     _assert_close(tok(images), expected, 1e-12, "visible=None")
 
 
+def test_dense_cpu_path_keeps_grey_images_channels_last_and_equal_to_nchw():
+    """A 1-channel batch is NCHW and channels-last at once, so the first conv used to return
+    NCHW and the CPU max-pool ran 7x slower; every layer's output is now channels-last on CPU,
+    with the same numbers as the NCHW path."""
+    from scott.tokenizer.backends import dense
+
+    torch.manual_seed(0)
+    tok = Tokenizer(embed_dim=16, patch_size=4, in_chans=1, stack="small", hidden_dim=8, backend="dense")
+    images = torch.randn(3, 1, 28, 28)
+    visible = torch.rand(3, 7, 7) > 0.4
+    cl = dense.run(tok.layers, images, visible, channels_last=True)
+    nchw = dense.run(tok.layers, images, visible, channels_last=False)
+    assert cl.is_contiguous(memory_format=torch.channels_last) and not cl.is_contiguous()
+    torch.testing.assert_close(cl, nchw, rtol=1e-5, atol=1e-6)
+
+
 def test_patchify_visible_token_is_the_linear_map_of_its_patch():
     tok = _make("patchify", "dense")
     images, visible = _inputs("patchify", b=4, dtype=torch.float64)

@@ -25,6 +25,7 @@ import torch.nn as nn
 from scott.eval.knn import topk_accuracy
 from scott.eval.protocol import mean_per_class_accuracy
 from scott.models.timm_family import ScottViT
+from scott.optim_groups import adamw
 from scott.optim_groups import param_groups as _param_groups
 from scott.schedules import warmup_cosine
 
@@ -125,7 +126,7 @@ def finetune(
                                              num_workers=num_workers, drop_last=len(fit) > batch_size)
     val_loader = torch.utils.data.DataLoader(val, batch_size=batch_size, num_workers=num_workers)
     test_loader = torch.utils.data.DataLoader(test, batch_size=batch_size, num_workers=num_workers)
-    optimizer = torch.optim.AdamW(param_groups(model, weight_decay, layer_decay), lr=lr)
+    optimizer = adamw(param_groups(model, weight_decay, layer_decay), lr=lr)
     model, optimizer, fit_loader, val_loader, test_loader = acc.prepare(
         model, optimizer, fit_loader, val_loader, test_loader)
     steps_per_epoch = len(fit_loader)

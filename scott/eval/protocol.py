@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from scott.eval.knn import topk_accuracy
+from scott.optim_groups import adamw
 from scott.schedules import warmup_cosine
 
 __all__ = [
@@ -164,7 +165,7 @@ def train_classifier(
     if optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
     elif optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        opt = adamw(params, lr=lr, weight_decay=weight_decay)
     else:
         raise ValueError(f"unknown optimizer {optimizer!r} (sgd|adamw)")
     n = len(data)

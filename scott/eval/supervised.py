@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from scott.data.transforms import build_pretrain_transform, view_seed
 from scott.eval.finetune import FinetuneClassifier, finetune
+from scott.optim_groups import adamw
 
 __all__ = ["AugmentedLabels", "supervised_from_scratch", "seconds_per_step", "build_classifier"]
 
@@ -57,7 +58,7 @@ def seconds_per_step(model: nn.Module, batch: torch.Tensor, labels: torch.Tensor
                      warmup: int = 2) -> float:
     """Median wall seconds of one AdamW training step of ``model`` on ``batch`` (weights restored)."""
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = adamw(model.parameters(), lr=1e-4)
     loss_fn = nn.CrossEntropyLoss()
     times = []
     model.train()
