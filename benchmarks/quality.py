@@ -25,7 +25,12 @@ Evaluation (the same for every row, on the recipe's official test split, read on
 weighted kNN top-1 (k=20, T=0.07), the linear probe of ``tools/eval_linear.py`` (grid chosen on the
 validation split carved from train), label efficiency (linear probe on 10 and 100 labels per
 class drawn from the fit part, 3 draws, chosen on the same validation split), and an optional
-short fine-tune (``--finetune-epochs``). Seeds change the pretraining seed (weights, data
+short fine-tune (``--finetune-epochs``). ``--linear-lrs`` / ``--linear-epochs`` replace the linear
+probe's grid (60,000 x 6,272 flat features need fewer epochs for the same number of updates,
+and the default 18-point grid takes most of an hour there). Time to accuracy
+(``--monitor-every E``): each pretraining row runs the validation kNN monitor every E epochs, and
+the column ``min to kNN`` is the pretraining time (the steps' own wall times, the monitor's
+evaluations left out) until it first reaches ``--time-to-knn`` (0.85). Seeds change the pretraining seed (weights, data
 order, masks) of every trained row; floors use them too (random init draws new weights).
 
 Output: a rich table, ``OUT/quality.json`` (command, recipe, CPU, every number) and
@@ -93,6 +98,17 @@ def parse_args(argv=None):
     p.add_argument("--label-counts", type=int, nargs="*", default=[10, 100], help="labels per class [10 100]")
     p.add_argument("--draws", type=int, default=3, help="label draws per count [3]")
     p.add_argument("--finetune-epochs", type=int, default=0, help="short fine-tune of each trained row [0 = off]")
+    p.add_argument("--linear-lrs", type=float, nargs="+", default=None, metavar="LR",
+                   help="learning rates of the linear probe's validation grid [tools/eval_linear.py's]")
+    p.add_argument("--linear-epochs", type=int, nargs="+", default=None, metavar="E",
+                   help="epochs of the linear probe's validation grid [tools/eval_linear.py's]; on 60,000 "
+                        "images 10-30 epochs are as many updates as 100-300 on the demo's 4,500")
+    p.add_argument("--monitor-every", type=int, default=0, metavar="EPOCHS",
+                   help="kNN monitor on the validation split every EPOCHS epochs of each pretraining row, "
+                        "for the time-to-accuracy column [0 = off]")
+    p.add_argument("--time-to-knn", type=float, default=0.85, metavar="FRACTION",
+                   help="time-to-accuracy column: minutes of pretraining until the validation kNN first "
+                        "reaches FRACTION [0.85]; needs --monitor-every")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="recipe override for every row")
     p.add_argument("--row-set", action="append", default=[], metavar="ROW:SECTION.KEY=VALUE",
@@ -116,7 +132,8 @@ def regime_name(args) -> str:
 
 def row_overrides(args, row: str, seed: int) -> list[str]:
     """Overrides of a row's PRETRAINING recipe."""
-    sets = list(args.overrides) + PRETRAIN_ROWS.get(row, []) + [f"train.seed={seed}", "train.monitor_every=0"]
+    sets = list(args.overrides) + PRETRAIN_ROWS.get(row, []) + [f"train.seed={seed}",
+                                                                f"train.monitor_every={args.monitor_every}"]
     if args.subset:
         sets.append(f"data.train_subset={args.subset}")
     if args.pretrain_classes:
@@ -132,11 +149,28 @@ def eval_recipe(args, recipe):
 
 
 # ----------------------------------------------------------------------------- pretraining
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 def _median_seconds_per_image(run_dir: Path) -> float:
     """Median seconds per image of a run's steps, the first two (warm-up) left out."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     times = [1.0 / r["images_per_s"] for r in records[2:] if r.get("images_per_s")]
     return float(np.median(times))
+
+
+def minutes_to_knn(records: list[dict], threshold: float, batch_size: int) -> tuple[float | None, int | None]:
+    """``(minutes, step)`` of pretraining until the validation kNN monitor of a run's metrics
+    ``records`` first reached ``threshold`` (a fraction), or ``(None, None)`` if it never did.
+    Minutes are the sum of the steps' own wall times (``batch_size / images_per_s`` of each
+    record), so the monitor's evaluations and the run's start-up are not counted."""
+    seconds = 0.0
+    for r in records:
+        seconds += batch_size / r["images_per_s"]
+        if r.get("knn_top1") is not None and r["knn_top1"] >= threshold:
+            return seconds / 60.0, int(r["step"])
+    return None, None
 
 
 def steps_for_budget(recipe, budget_s: float, scratch: Path) -> tuple[int, float]:
@@ -180,6 +214,11 @@ def pretrain_row(args, row: str, seed: int, out: Path, log) -> dict:
     record = {"row": row, "seed": seed, "steps": steps, "wall_s": time.perf_counter() - t0,
               "train_wall_s": summary["wall_s"], "images_per_s": summary["images_per_s"],
               "overrides": row_overrides(args, row, seed), **info}
+    if args.monitor_every:
+        records = _records(run_dir)
+        minutes, step = minutes_to_knn(records, args.time_to_knn, int(recipe["optim"]["batch_size"]))
+        record.update({"minutes_to_knn": minutes, "step_to_knn": step, "time_to_knn": args.time_to_knn,
+                       "monitor_knn": [[r["step"], r["knn_top1"]] for r in records if "knn_top1" in r]})
     record_file.write_text(json.dumps(record, indent=1))
     return record
 
@@ -196,6 +235,15 @@ def feature_sets(encoder, recipe: dict):
     return FeatureSet(xb, yb), FeatureSet(xq, yq)
 
 
+def linear_grid_of(args) -> list[dict] | None:
+    """The linear probe's grid from ``--linear-lrs`` / ``--linear-epochs`` (None: the default)."""
+    from scott.eval.linear import DEFAULT_EPOCHS, DEFAULT_LRS, linear_grid
+
+    if args.linear_lrs is None and args.linear_epochs is None:
+        return None
+    return linear_grid(args.linear_lrs or DEFAULT_LRS, args.linear_epochs or DEFAULT_EPOCHS)
+
+
 def evaluate_features(args, train, test, seed: int) -> dict:
     """kNN, linear probe and label-efficiency numbers of frozen features (fractions)."""
     from scott.eval.few_labels import few_label_probe
@@ -204,7 +252,7 @@ def evaluate_features(args, train, test, seed: int) -> dict:
 
     t0 = time.perf_counter()
     knn = knn_classify(train.features, train.labels, test.features, test.labels, k=KNN_K)[0]
-    linear = linear_probe(train, test, seed=seed)
+    linear = linear_probe(train, test, seed=seed, grid=linear_grid_of(args))
     out = {"knn": knn, "linear": linear.test["top1"], "linear_best": linear.best,
            "linear_val": linear.val["top1"], "n_train": len(train), "n_test": len(test)}
     for count in args.label_counts:
@@ -325,7 +373,8 @@ def columns(label_counts) -> list[tuple[str, str]]:
     """(record key, header) of the table's columns."""
     return ([("knn", f"kNN@{KNN_K}"), ("linear", "linear")]
             + [(f"labels{c}", f"{c} labels/cls") for c in label_counts]
-            + [("finetune", "fine-tune"), ("images_per_s", "img/s"), ("steps", "steps"), ("wall_s", "wall s")])
+            + [("finetune", "fine-tune"), ("minutes_to_knn", "min to kNN"), ("images_per_s", "img/s"),
+               ("steps", "steps"), ("wall_s", "wall s")])
 
 
 def is_percent(key: str) -> bool:
@@ -339,6 +388,8 @@ def summarise(rows: dict[str, list[dict]], cols) -> dict[str, dict]:
         stats = {"seeds": len(records)}
         for key, _ in cols:
             values = [r[key] for r in records if isinstance(r.get(key), (int, float))]
+            if key == "minutes_to_knn" and any(key in r and r[key] is None for r in records):
+                stats["minutes_to_knn_missed"] = sum(key in r and r[key] is None for r in records)
             if values:
                 stats[key] = float(np.mean(values))
                 stats[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
@@ -347,11 +398,13 @@ def summarise(rows: dict[str, list[dict]], cols) -> dict[str, dict]:
 
 
 def format_cell(stats: dict, key: str) -> str:
+    if key == "minutes_to_knn" and stats.get("minutes_to_knn_missed"):
+        return f"not reached ({stats['minutes_to_knn_missed']} of {stats['seeds']})"
     if key not in stats:
         return "-"
     scale = 100.0 if is_percent(key) else 1.0
     mean, std = stats[key] * scale, stats.get(f"{key}_std", 0.0) * scale
-    digits = 1 if is_percent(key) or key == "wall_s" else 0
+    digits = 1 if is_percent(key) or key in ("wall_s", "minutes_to_knn") else 0
     text = f"{mean:.{digits}f}"
     if stats["seeds"] > 1 and is_percent(key):
         text += f" ± {std:.{digits}f}"
@@ -468,6 +521,8 @@ def main(argv=None):
         "command": "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "recipe_file": args.recipe, "recipe": base.to_dict(), "data": base["data"]["name"], "regime": regime_name(args), "budget_minutes": args.budget_minutes,
         "steps": args.steps, "seeds": {r: len(records) for r, records in rows.items()}, "label_counts": args.label_counts, "draws": args.draws,
+        "linear_grid": linear_grid_of(args) or "default", "monitor_every": args.monitor_every,
+        "time_to_knn": args.time_to_knn if args.monitor_every else None,
         "cpu": cpu_model(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "n_pretrain_images": len(build_pretrain_dataset(base["data"])), "knn_k": KNN_K,
         "summary": summary, "rows": rows, "total_wall_s": time.perf_counter() - t_start,

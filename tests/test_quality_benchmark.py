@@ -135,7 +135,7 @@ def test_two_step_benchmark_writes_table_json_and_png(tmp_path):
     out = tmp_path / "q"
     cmd = [sys.executable, str(ROOT / "benchmarks/quality.py"), str(ROOT / "recipes/demo.yaml"), "--steps", "2",
            "--subset", "100", "--rows", "ours", "supervised", "pixels", "--label-counts", "2", "--draws", "2",
-           "--out", str(out)] + sum((["--set", s] for s in TINY_SETS), [])
+           "--linear-lrs", "0.1", "0.3", "--linear-epochs", "3", "--out", str(out)] + sum((["--set", s] for s in TINY_SETS), [])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": ""})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "kNN@20" in proc.stdout and "2 labels/cls" in proc.stdout
@@ -148,6 +148,9 @@ def test_two_step_benchmark_writes_table_json_and_png(tmp_path):
         stats = record["summary"][row]
         assert 0.0 <= stats["knn"] <= 1.0 and 0.0 <= stats["linear"] <= 1.0 and "labels2" in stats
         assert len(record["rows"][row][0]["labels2_draws"]) == 2
+        assert record["rows"][row][0]["linear_best"]["epochs"] == 3  # the --linear-* grid was used
+        assert record["rows"][row][0]["linear_best"]["lr"] in (0.1, 0.3)
+    assert [(g["lr"], g["epochs"]) for g in record["linear_grid"]] == [(0.1, 3), (0.3, 3)]
     assert 0.0 <= record["summary"]["supervised"]["finetune"] <= 1.0
     assert "knn" not in record["summary"]["supervised"]
     with Image.open(out / "quality.png") as img:
@@ -173,3 +176,20 @@ def test_report_only_tabulates_finished_rows_without_training(tmp_path):
     record = json.loads((out / "quality.json").read_text())
     assert list(record["summary"]) == ["pixels"] and record["seeds"] == {"pixels": 1}
     assert not (out / "ours").exists()  # nothing was trained
+
+
+def test_minutes_to_knn_sums_the_steps_own_times_until_the_first_hit():
+    records = [{"step": 1, "images_per_s": 32.0}, {"step": 2, "images_per_s": 16.0, "knn_top1": 0.80},
+               {"step": 3, "images_per_s": 32.0}, {"step": 4, "images_per_s": 8.0, "knn_top1": 0.86},
+               {"step": 5, "images_per_s": 32.0, "knn_top1": 0.90}]
+    minutes, step = quality.minutes_to_knn(records, 0.85, batch_size=32)
+    assert step == 4 and minutes == pytest.approx((1 + 2 + 1 + 4) / 60.0)  # seconds: 32/32 + 32/16 + ...
+    assert quality.minutes_to_knn(records, 0.95, batch_size=32) == (None, None)
+
+
+def test_time_to_knn_column_says_when_a_seed_never_got_there():
+    cols = quality.columns([10])
+    summary = quality.summarise({"ours": [{"minutes_to_knn": 4.0}, {"minutes_to_knn": None}],
+                                 "patchify": [{"minutes_to_knn": 3.0}, {"minutes_to_knn": 5.0}]}, cols)
+    assert quality.format_cell(summary["ours"], "minutes_to_knn") == "not reached (1 of 2)"
+    assert quality.format_cell(summary["patchify"], "minutes_to_knn") == "4.0"
