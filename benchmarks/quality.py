@@ -155,7 +155,7 @@ def _records(run_dir: Path) -> list[dict]:
 
 def _median_seconds_per_image(run_dir: Path) -> float:
     """Median seconds per image of a run's steps, the first two (warm-up) left out."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = _records(run_dir)
     times = [1.0 / r["images_per_s"] for r in records[2:] if r.get("images_per_s")]
     return float(np.median(times))
 
