@@ -41,8 +41,10 @@ def _run(layers, images, visible, channels_last, remask: bool) -> torch.Tensor:
         x = x * mask_at(visible, x.shape[2], x.shape[3]).to(x.dtype)
     for layer in layers:
         x = layer.dense(x)
-        if channels_last:  # a 1-channel input is NCHW and CL at once, so the first conv's output is
-            x = x.contiguous(memory_format=torch.channels_last)  # NCHW: slow CPU max-pool (7x)
+        # A 1-channel batch is NCHW and channels-last at once, so the first conv returns NCHW and
+        # the CPU max-pool after it runs 7x slower; a no-op for outputs already channels-last.
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         if remask and visible is not None and layer.kind != "act":
             x = x * mask_at(visible, x.shape[2], x.shape[3]).to(x.dtype)
     if not remask and visible is not None:
