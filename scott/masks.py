@@ -15,8 +15,8 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 __all__ = [
     "MaskBatch",
@@ -91,51 +91,53 @@ def _randint(g: torch.Generator, lo: int, hi: int) -> int:
     return int(torch.randint(lo, hi + 1, (), generator=g))
 
 
-def _neighbour_count(m: torch.Tensor) -> torch.Tensor:
+# Masks are drawn on small numpy bool grids (a 7 x 7 grid costs microseconds there, against tens
+# of microseconds per torch op); the random numbers still come from the torch generator, in the
+# same order, so the masks are those of the torch formulation (a fingerprint test pins them).
+def _neighbour_count(m: np.ndarray) -> np.ndarray:
     """Number of 4-neighbours set in bool grid ``m [gh, gw]`` (outside the grid counts as unset)."""
-    x = F.pad(m.float()[None, None], (1, 1, 1, 1))[0, 0]
+    x = np.pad(m, 1).astype(np.int8)
     return x[:-2, 1:-1] + x[2:, 1:-1] + x[1:-1, :-2] + x[1:-1, 2:]
 
 
-def _pick(candidates: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
+def _pick(candidates: np.ndarray, k: int, g: torch.Generator) -> np.ndarray:
     """``k`` distinct flat indices chosen uniformly from the True cells of ``candidates``."""
-    idx = candidates.flatten().nonzero().flatten()
-    return idx[torch.randperm(len(idx), generator=g)[:k]]
+    idx = np.flatnonzero(candidates)
+    return idx[torch.randperm(len(idx), generator=g)[:k].numpy()]
 
 
-def _grow(visible: torch.Tensor, count: int, g: torch.Generator) -> torch.Tensor:
+def _grow(visible: np.ndarray, count: int, g: torch.Generator) -> np.ndarray:
     """Add ``count`` patches to ``visible``, preferring masked patches touching the visible region."""
-    v = visible.clone()
+    v = visible.copy()
     while count > 0:
         masked = ~v
         frontier = masked & (_neighbour_count(v) > 0)
         pool = frontier if frontier.any() else masked
         chosen = _pick(pool, count, g)
-        v.view(-1)[chosen] = True
+        v.reshape(-1)[chosen] = True
         count -= len(chosen)
     return v
 
 
-def _shrink(visible: torch.Tensor, count: int, g: torch.Generator) -> torch.Tensor:
+def _shrink(visible: np.ndarray, count: int, g: torch.Generator) -> np.ndarray:
     """Remove ``count`` patches from ``visible``, preferring patches on its boundary."""
-    v = visible.clone()
+    v = visible.copy()
     while count > 0:
         boundary = v & (_neighbour_count(~v) + _border_count(v) > 0)
         pool = boundary if boundary.any() else v
         chosen = _pick(pool, count, g)
-        v.view(-1)[chosen] = False
+        v.reshape(-1)[chosen] = False
         count -= len(chosen)
     return v
 
 
-def _border_count(m: torch.Tensor) -> torch.Tensor:
+def _border_count(m: np.ndarray) -> np.ndarray:
     """Number of grid edges each cell touches (the outside of the grid counts as masked)."""
-    inside = torch.ones_like(m)
-    return 4 - _neighbour_count(inside)
+    return 4 - _neighbour_count(np.ones_like(m))
 
 
-def _block(gh: int, gw: int, top: int, left: int, h: int, w: int) -> torch.Tensor:
-    m = torch.zeros(gh, gw, dtype=torch.bool)
+def _block(gh: int, gw: int, top: int, left: int, h: int, w: int) -> np.ndarray:
+    m = np.zeros((gh, gw), dtype=bool)
     m[top:top + h, left:left + w] = True
     return m
 
@@ -147,7 +149,7 @@ def _block_shape(area: float, aspect: float, gh: int, gw: int) -> tuple[int, int
     return min(max(h, 1), gh), min(max(w, 1), gw)
 
 
-def _random_block(g: torch.Generator, gh: int, gw: int, h: int, w: int) -> torch.Tensor:
+def _random_block(g: torch.Generator, gh: int, gw: int, h: int, w: int) -> np.ndarray:
     """An ``h x w`` block at a uniformly drawn position; every position fits (no off-by-one)."""
     return _block(gh, gw, _randint(g, 0, gh - h), _randint(g, 0, gw - w), h, w)
 
@@ -180,15 +182,25 @@ class MaskGenerator:
         self.grid = (gh, gw)
         self.num_patches = gh * gw
 
-    def sample(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample(self, g: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """One image's ``(visible, target)`` as bool numpy grids."""
         raise NotImplementedError
+
+    def sample(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        visible, target = self._sample(g)
+        return torch.from_numpy(visible), torch.from_numpy(target)
+
+    def _batch(self, batch_size: int, g: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
+        pairs = [self._sample(g) for _ in range(batch_size)]
+        if not pairs:
+            empty = np.zeros((0, *self.grid), dtype=bool)
+            return empty, empty.copy()
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
     def batch(self, batch_size: int, g: torch.Generator) -> MaskBatch:
         """``batch_size`` independent masks with a common visible count."""
-        pairs = [self.sample(g) for _ in range(batch_size)]
-        visible = torch.stack([p[0] for p in pairs]) if pairs else torch.zeros(0, *self.grid, dtype=torch.bool)
-        target = torch.stack([p[1] for p in pairs]) if pairs else torch.zeros(0, *self.grid, dtype=torch.bool)
-        return MaskBatch(visible, target)
+        visible, target = self._batch(batch_size, g)
+        return MaskBatch(torch.from_numpy(visible), torch.from_numpy(target))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(grid={self.grid})"
@@ -204,10 +216,10 @@ class UniformMask(MaskGenerator):
         self.ratio = float(ratio)
         self.num_visible = num_visible_for_ratio(self.num_patches, self.ratio)
 
-    def sample(self, g):
-        visible = torch.zeros(self.num_patches, dtype=torch.bool)
-        visible[torch.randperm(self.num_patches, generator=g)[:self.num_visible]] = True
-        visible = visible.view(self.grid)
+    def _sample(self, g):
+        visible = np.zeros(self.num_patches, dtype=bool)
+        visible[torch.randperm(self.num_patches, generator=g)[:self.num_visible].numpy()] = True
+        visible = visible.reshape(self.grid)
         return visible, ~visible
 
 
@@ -231,7 +243,7 @@ class BlockwiseMask(MaskGenerator):
         self.aspect = _pair(aspect, "mask.aspect")
         self.max_attempts = int(max_attempts)
 
-    def _add_block(self, visible: torch.Tensor, g: torch.Generator) -> torch.Tensor | None:
+    def _add_block(self, visible: np.ndarray, g: torch.Generator) -> np.ndarray | None:
         gh, gw = self.grid
         need = self.num_visible - int(visible.sum())
         lo, hi = min(self.min_block, need), max(self.min_block, need)
@@ -244,8 +256,8 @@ class BlockwiseMask(MaskGenerator):
                 return visible | block
         return None
 
-    def sample(self, g):
-        visible = torch.zeros(self.grid, dtype=torch.bool)
+    def _sample(self, g):
+        visible = np.zeros(self.grid, dtype=bool)
         while int(visible.sum()) < self.num_visible:
             grown = self._add_block(visible, g)
             if grown is None:
@@ -285,17 +297,17 @@ class MultiblockMask(MaskGenerator):
         self.min_keep = min(max(1, int(min_keep)), self.num_patches - 1)
         self.max_attempts = int(max_attempts)
 
-    def _draw_block(self, g, scale, aspect) -> torch.Tensor:
+    def _draw_block(self, g, scale, aspect) -> np.ndarray:
         gh, gw = self.grid
         s = _uniform(g, *scale)
         ar = _log_uniform(g, *aspect) if aspect[0] != aspect[1] else aspect[0]
         h, w = _block_shape(s * self.num_patches, ar, gh, gw)
         return _random_block(g, gh, gw, h, w)
 
-    def sample(self, g):
+    def _sample(self, g):
         best = None
         for _ in range(self.max_attempts):
-            target = torch.zeros(self.grid, dtype=torch.bool)
+            target = np.zeros(self.grid, dtype=bool)
             for _ in range(self.num_targets):
                 target |= self._draw_block(g, self.target_scale, self.target_aspect)
             context = self._draw_block(g, self.context_scale, (1.0, 1.0))
@@ -306,22 +318,22 @@ class MultiblockMask(MaskGenerator):
                 break
         visible, target = best
         if not visible.any():  # degenerate settings: keep one non-target patch visible
-            free = (~target).flatten().nonzero().flatten()
+            free = np.flatnonzero(~target)
             if len(free) == 0:
-                target.view(-1)[_pick(target, 1, g)] = False
-                free = (~target).flatten().nonzero().flatten()
-            visible.view(-1)[free[_randint(g, 0, len(free) - 1)]] = True
+                target.reshape(-1)[_pick(target, 1, g)] = False
+                free = np.flatnonzero(~target)
+            visible.reshape(-1)[free[_randint(g, 0, len(free) - 1)]] = True
         return visible, target
 
-    def batch(self, batch_size, g):
-        mb = super().batch(batch_size, g)
+    def _batch(self, batch_size, g):
+        visible, target = super()._batch(batch_size, g)
         if batch_size == 0:
-            return mb
-        counts = mb.visible.flatten(1).sum(1)
+            return visible, target
+        counts = visible.reshape(batch_size, -1).sum(1)
         k = int(counts.min())
-        visible = torch.stack([_shrink(v, int(c) - k, g) if int(c) > k else v
-                               for v, c in zip(mb.visible, counts)])
-        return MaskBatch(visible, mb.target)
+        visible = np.stack([_shrink(v, int(c) - k, g) if int(c) > k else v
+                            for v, c in zip(visible, counts)])
+        return visible, target
 
     def __repr__(self):
         return (f"MultiblockMask(grid={self.grid}, num_targets={self.num_targets}, "

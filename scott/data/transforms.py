@@ -33,6 +33,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
+from scott.data import colour_ops
 from scott.data.datasets import convert_channels
 
 __all__ = [
@@ -198,6 +199,9 @@ class TwoViewTransform:
         self.augment, self.target_view = augment, target_view
         self.extra_view = bool(extra_view)  # a third view: its own crop, flip and colours
         self.blur_kernel = min(_BLUR_KERNEL, self.img_size if self.img_size % 2 else self.img_size - 1)
+        self._blur_cache: dict = {}  # the blur's reflect-tap matrices per side length
+        self._mean = torch.tensor(self.eval.mean).view(-1, 1, 1)
+        self._std = torch.tensor(self.eval.std).view(-1, 1, 1)
 
     def _geometry(self, img: Image.Image, g: torch.Generator) -> torch.Tensor:
         img = convert_channels(img, self.in_chans)
@@ -217,14 +221,15 @@ class TwoViewTransform:
         if _rand(g) < _JITTER_P:
             b, c, s, h = _JITTER
             factors = (_uniform(g, 1 - b, 1 + b), _uniform(g, 1 - c, 1 + c), _uniform(g, 1 - s, 1 + s), _uniform(g, -h, h))
-            ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+            ops = (colour_ops.adjust_brightness, colour_ops.adjust_contrast,
+                   colour_ops.adjust_saturation, colour_ops.adjust_hue)
             for i in torch.randperm(4, generator=g).tolist():
                 x = ops[i](x, factors[i])
         if _rand(g) < _GRAYSCALE_P and x.shape[0] == 3:
             x = TF.rgb_to_grayscale(x, num_output_channels=3)
         if _rand(g) < _BLUR_P:
             sigma = _uniform(g, *_BLUR_SIGMA)
-            x = TF.gaussian_blur(x, [self.blur_kernel, self.blur_kernel], [sigma, sigma])
+            x = colour_ops.gaussian_blur(x, self.blur_kernel, sigma, self._blur_cache)
         return x.clamp(0.0, 1.0)
 
     def __call__(self, img: Image.Image, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,7 +239,7 @@ class TwoViewTransform:
         else:
             context = self._colour(base.clone(), g)
             target = self._colour(base.clone(), g) if self.target_view == "jitter" else context
-        normalize = lambda t: TF.normalize(t, self.eval.mean, self.eval.std)  # noqa: E731
+        normalize = lambda t: t.sub(self._mean).div_(self._std)  # noqa: E731  (TF.normalize's arithmetic)
         context = normalize(context)
         views = (context, normalize(target) if target is not context else context.clone())
         if self.extra_view:  # drawn after the first two, so they are the same with or without it
