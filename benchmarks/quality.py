@@ -97,6 +97,9 @@ def parse_args(argv=None):
                    help="evaluate on these classes only (with --pretrain-classes: unseen classes)")
     p.add_argument("--label-counts", type=int, nargs="*", default=[10, 100], help="labels per class [10 100]")
     p.add_argument("--draws", type=int, default=3, help="label draws per count [3]")
+    p.add_argument("--encoder", choices=["target", "context"], default="target",
+                   help="which encoder of each pretrained row is evaluated: the EMA target (I-JEPA's "
+                        "choice) or the context encoder [target]")
     p.add_argument("--finetune-epochs", type=int, default=0, help="short fine-tune of each trained row [0 = off]")
     p.add_argument("--linear-lrs", type=float, nargs="+", default=None, metavar="LR",
                    help="learning rates of the linear probe's validation grid [tools/eval_linear.py's]")
@@ -283,17 +286,22 @@ def finetune_encoder(encoder, recipe: dict, epochs: int, seed: int) -> dict:
     return {"finetune": res["test"]["top1"], "finetune_val": res["val"]["top1"], "finetune_epochs": epochs}
 
 
+def eval_record_name(encoder: str) -> str:
+    """A pretrained row's evaluation record for ``encoder`` (both can sit in one run folder)."""
+    return "eval_record.json" if encoder == "target" else f"eval_record_{encoder}.json"
+
+
 def evaluate_pretrained(args, row: str, seed: int, out: Path, log) -> dict:
     from scott.eval.features import load_encoder
 
     run_dir = out / row / f"seed{seed}"
-    result_file = run_dir / "eval_record.json"
+    result_file = run_dir / eval_record_name(args.encoder)
     if result_file.is_file():
         return json.loads(result_file.read_text())
     recipe = eval_recipe(args, load_recipe(run_dir / "recipe.yaml"))
-    encoder = load_encoder(run_dir, which="target")
+    encoder = load_encoder(run_dir, which=args.encoder)
     train, test = feature_sets(encoder, recipe)
-    result = evaluate_features(args, train, test, seed)
+    result = {"encoder": args.encoder, **evaluate_features(args, train, test, seed)}
     if args.finetune_epochs:
         result.update(finetune_encoder(encoder, recipe, args.finetune_epochs, seed))
     result_file.write_text(json.dumps(result, indent=1))
@@ -434,15 +442,16 @@ def bar_chart_png(summary: dict, path: Path, title: str, cols) -> Path:
     return path
 
 
-def finished_ours_budgets(out: Path) -> list[float]:
+def finished_ours_budgets(out: Path, encoder: str = "target") -> list[float]:
     """Pretraining + probe seconds of every finished seed of row ``ours`` under ``out``."""
     budgets = []
     for seed in range(1000):
         folder = out / "ours" / f"seed{seed}"
-        if not (folder / "eval_record.json").is_file() or not (folder / "pretrain_record.json").is_file():
+        evaluated = folder / eval_record_name(encoder)
+        if not evaluated.is_file() or not (folder / "pretrain_record.json").is_file():
             break
         pre = json.loads((folder / "pretrain_record.json").read_text())
-        budgets.append(pre["train_wall_s"] + json.loads((folder / "eval_record.json").read_text())["probe_wall_s"])
+        budgets.append(pre["train_wall_s"] + json.loads(evaluated.read_text())["probe_wall_s"])
     return budgets
 
 
@@ -491,10 +500,11 @@ def main(argv=None):
     log = console.log
     t_start = time.perf_counter()
     rows: dict[str, list[dict]] = {}
-    ours_budget = finished_ours_budgets(out)  # row "ours" of an earlier or parallel invocation
+    ours_budget = finished_ours_budgets(out, args.encoder)  # row "ours" of an earlier or parallel invocation
     for row in [r for r in ALL_ROWS if r in args.rows]:
         for seed in range(seeds_of(args, row)):
-            if args.report_only and not (out / row / f"seed{seed}" / "eval_record.json").is_file():
+            record_name = eval_record_name(args.encoder) if row in PRETRAIN_ROWS else "eval_record.json"
+            if args.report_only and not (out / row / f"seed{seed}" / record_name).is_file():
                 continue
             if row in PRETRAIN_ROWS:
                 record = pretrain_row(args, row, seed, out, log)
@@ -521,7 +531,7 @@ def main(argv=None):
         "command": "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "recipe_file": args.recipe, "recipe": base.to_dict(), "data": base["data"]["name"], "regime": regime_name(args), "budget_minutes": args.budget_minutes,
         "steps": args.steps, "seeds": {r: len(records) for r, records in rows.items()}, "label_counts": args.label_counts, "draws": args.draws,
-        "linear_grid": linear_grid_of(args) or "default", "monitor_every": args.monitor_every,
+        "linear_grid": linear_grid_of(args) or "default", "encoder": args.encoder, "monitor_every": args.monitor_every,
         "time_to_knn": args.time_to_knn if args.monitor_every else None,
         "cpu": cpu_model(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "n_pretrain_images": len(build_pretrain_dataset(base["data"])), "knn_k": KNN_K,
