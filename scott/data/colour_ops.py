@@ -62,12 +62,13 @@ def _reflect_taps_matrix(n: int, kernel_size: int) -> torch.Tensor:
 
 
 def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: float,
-                  _cache: dict | None = None) -> torch.Tensor:
+                  cache: dict | None = None) -> torch.Tensor:
     """Gaussian blur of ``[C, H, W]`` with an odd ``kernel_size`` and ``sigma`` in both
-    directions, reflect padding: torchvision's ``gaussian_blur(x, [k, k], [sigma, sigma])``."""
+    directions, reflect padding: torchvision's ``gaussian_blur(x, [k, k], [sigma, sigma])``.
+    ``cache`` (a dict the caller keeps) holds the reflect-tap matrices per side length."""
     if kernel_size % 2 != 1:
         raise ValueError(f"blur kernel size must be odd, got {kernel_size}")
-    cache = {} if _cache is None else _cache
+    cache = {} if cache is None else cache
     h, w = x.shape[-2:]
     taps = _gaussian_taps(kernel_size, float(sigma), x.dtype)
     mats = []
