@@ -194,6 +194,7 @@ SCHEMA: Mapping[str, Mapping[str, Field]] = {
         "deterministic": Field("bool", False),
         "monitor_every": _nonneg_int(0),
         "monitor_k": _pos_int(20),
+        "export_encoder": Field("choice", "target", choices=("target", "context")),
         "output_dir": Field("str", None, nullable=True),
     },
 }

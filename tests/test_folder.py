@@ -157,10 +157,15 @@ def test_pretrain_on_a_nested_folder_then_embed_and_look(demo_folders, tmp_path,
         assert g.size[1] > 3 * 32 and g.size[0] > 5 * 32  # 3 rows of query + 4 neighbours
     assert Image.open(pca).size[0] > 400
     assert exit_code(load_tool("neighbours"), [str(run), str(base / "classes"), "--k", "48"]) == 2  # only 47 others
-    # the run's shareable model folder embeds the same images to the same vectors
+    # the run's shareable model folder holds the encoder the recipe exports (train.export_encoder:
+    # context in folder_cpu.yaml) and embeds the same images to the same vectors as that encoder
     assert (run / "export" / "config.json").is_file()
     assert exit_code(load_tool("embed"), [str(run / "export"), str(base / "classes"), "--out", str(tmp_path / "hf")]) == 0
-    assert torch.allclose(read_embeddings(tmp_path / "hf").features, emb.features, atol=1e-6)
+    assert exit_code(load_tool("embed"), [str(run), str(base / "classes"), "--which", "context",
+                                          "--out", str(tmp_path / "ctx")]) == 0
+    exported = read_embeddings(tmp_path / "hf").features
+    assert torch.allclose(exported, read_embeddings(tmp_path / "ctx").features, atol=1e-6)
+    assert not torch.allclose(exported, emb.features, atol=1e-3)  # emb: the target encoder
     assert exit_code(load_tool("embed"), [str(run), str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
     assert exit_code(load_tool("embed"), [str(tmp_path / "norun"), str(base / "classes"), "--out", str(tmp_path / "x")]) == 2
 

@@ -374,3 +374,24 @@ def test_two_process_cli_run_matches_one_process_accumulation(tmp_path):
     b, _ = ck.load_tensors(last / "model.safetensors")
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < 1e-5, worst
+
+
+def test_cli_exports_the_encoder_the_recipe_names(tmp_path):
+    base = CLI + [str(ROOT / "recipes" / "demo.yaml"), *TINY_CLI, "--set", "train.max_steps=2",
+                  "--set", "train.monitor_every=0"]
+    bad = subprocess.run(base + ["--output", str(tmp_path / "bad"), "--set", "train.export_encoder=student"],
+                         capture_output=True, text=True, env=_env(), timeout=300)
+    assert bad.returncode == 2 and "train.export_encoder" in bad.stderr and "Traceback" not in bad.stderr
+    for which in ("target", "context"):
+        out = tmp_path / which
+        proc = subprocess.run(base + ["--output", str(out), "--set", f"train.export_encoder={which}"],
+                              capture_output=True, text=True, env=_env(), timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        card = json.loads((out / "export" / "config.json").read_text())["scott"]
+        source = "encoder.safetensors" if which == "target" else "context_encoder.safetensors"
+        assert card["which"] == which
+        exported, _ = ck.load_tensors(out / "export" / "model.safetensors")
+        original, _ = ck.load_tensors(out / source)
+        key = next(k for k in original if k.endswith("blocks.0.attn.qkv.weight"))
+        match = [k for k in exported if k.endswith("blocks.0.attn.qkv.weight")]
+        assert match and torch.equal(exported[match[0]], original[key])

@@ -7,8 +7,9 @@ Writes the run folder (recipe.yaml, metrics.jsonl, tb/, checkpoints/, encoder.sa
 context_encoder.safetensors, export/). Afterwards the main process prints the kNN accuracy on the
 evaluation split of the pretrained target and context encoders next to a random-init encoder of
 the same recipe and raw pixels (skip with --no-knn; skipped for images without labels), and
-writes export/: the target encoder as a shareable timm / Hugging Face model folder whose model
-card carries those numbers (scott.from_pretrained, timm "local-dir:", docs/sharing.md).
+writes export/: the encoder named by ``train.export_encoder`` (the EMA target by default; the CPU
+demo recipes choose the context encoder on validation) as a shareable timm / Hugging Face model
+folder whose model card carries those numbers (scott.from_pretrained, timm "local-dir:", docs/sharing.md).
 
 Exit status: 0 done, 2 bad recipe or data / unusable output folder, 1 training stopped
 (non-finite loss, unusable checkpoints, a checkpoint that could not be written, e.g. disk full),
@@ -82,7 +83,8 @@ def main(argv=None) -> int:
     report = None if args.no_knn else knn_report(recipe, output, summary.get("device"), summary["labelled"])
     from scott.hub import export_pretrained
 
-    shared = export_pretrained(output, output / "export", metrics={"knn": report} if report else None)
+    shared = export_pretrained(output, output / "export", metrics={"knn": report} if report else None,
+                               which=recipe["train"]["export_encoder"])
     print(f"shareable model folder (timm / Hugging Face layout): {shared}")
     return 0
 
