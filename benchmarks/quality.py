@@ -97,9 +97,9 @@ def parse_args(argv=None):
                    help="evaluate on these classes only (with --pretrain-classes: unseen classes)")
     p.add_argument("--label-counts", type=int, nargs="*", default=[10, 100], help="labels per class [10 100]")
     p.add_argument("--draws", type=int, default=3, help="label draws per count [3]")
-    p.add_argument("--encoder", choices=["target", "context"], default="target",
+    p.add_argument("--encoder", choices=["target", "context"], default=None,
                    help="which encoder of each pretrained row is evaluated: the EMA target (I-JEPA's "
-                        "choice) or the context encoder [target]")
+                        "choice) or the context encoder [the recipe's train.export_encoder]")
     p.add_argument("--finetune-epochs", type=int, default=0, help="short fine-tune of each trained row [0 = off]")
     p.add_argument("--linear-lrs", type=float, nargs="+", default=None, metavar="LR",
                    help="learning rates of the linear probe's validation grid [tools/eval_linear.py's]")
@@ -494,6 +494,7 @@ def main(argv=None):
             (args.budget_minutes is not None and args.budget_minutes <= 0):
         raise RecipeError("need --seeds >= 1, --draws >= 1 and a positive --steps or --budget-minutes")
     base = load_recipe(args.recipe, row_overrides(args, "ours", 0))  # fails early, one line, exit 2
+    args.encoder = args.encoder or base["train"]["export_encoder"]  # the encoder the recipe exports
     check_label_counts(args, base)
     out = Path(args.out or Path("runs") / "quality" / f"{Path(args.recipe).stem}-{regime_name(args)}")
     out.mkdir(parents=True, exist_ok=True)

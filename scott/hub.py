@@ -1,6 +1,6 @@
 """A model folder you can share: the Hugging Face / timm layout of an exported encoder.
 
-    export_pretrained(run_dir_or_encoder, out_dir, metrics=None, which="target") -> Path
+    export_pretrained(run_dir_or_encoder, out_dir, metrics=None, which=None) -> Path
     from_pretrained(folder, num_classes=0, **kwargs) -> ScottViT
 
 The folder holds three files, the layout ``timm`` and ``huggingface_hub`` expect:
@@ -139,11 +139,13 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 # ----------------------------------------------------------------------------- export
 def export_pretrained(run_dir_or_encoder: str | Path, out_dir: str | Path, metrics: Mapping | None = None,
-                      which: str = "target") -> Path:
+                      which: str | None = None) -> Path:
     """Write ``config.json``, ``model.safetensors`` and ``README.md`` into ``out_dir``; returns it.
 
     ``run_dir_or_encoder`` is a run folder (its ``encoder.safetensors`` for ``which="target"``,
-    ``context_encoder.safetensors`` for ``"context"``) or an exported ``.safetensors`` file; the
+    ``context_encoder.safetensors`` for ``"context"``, the one its recipe's
+    ``train.export_encoder`` names for ``None``) or an exported ``.safetensors`` file (the encoder
+    it records being); the
     recipe is read from ``recipe.yaml`` next to it when there is one. ``metrics`` maps a
     protocol to its result, top-1 as a fraction in [0, 1]: a number, a mapping with ``top1`` and
     ``split`` (and optionally ``top5``, ``k``, ``pool``, ``n_train``/``n_test`` or
@@ -158,8 +160,9 @@ def export_pretrained(run_dir_or_encoder: str | Path, out_dir: str | Path, metri
 
     import scott
     from scott.checkpoint import atomic_write_text, encoder_digest, load_encoder_file, save_tensors
-    from scott.eval.features import encoder_file
+    from scott.eval.features import encoder_file, resolve_which
 
+    which = resolve_which(run_dir_or_encoder, which)
     source = encoder_file(run_dir_or_encoder, which)
     state, model_cfg, spec, extra = load_encoder_file(source)
     with safe_open(str(source), "pt") as fh:

@@ -439,12 +439,13 @@ def training_curves(records: Sequence[Mapping]) -> dict[str, Image.Image]:
     return charts
 
 
-def write_run_figures(run_dir: str | Path, num_images: int = 4, which: str = "target", seed: int = 0,
+def write_run_figures(run_dir: str | Path, num_images: int = 4, which: str | None = None, seed: int = 0,
                       split: str | None = None, device=None, log=print, pca_images: int = 64) -> list[Path]:
     """Write RUN_DIR/figures/{masks,pca,pca_raw,loss,knn}.png; returns the written paths.
 
     Images: ``num_images`` seeded picks from ``split`` (default ``data.eval_split``); masks from the
-    recipe's mask generator (seed ``seed``, step 0); PCA of the ``which`` encoder's patch tokens,
+    recipe's mask generator (seed ``seed``, step 0); PCA of the ``which`` encoder's patch tokens
+    (default: the one the run exports, ``train.export_encoder``),
     fit on ``pca_images`` images: ``pca.png`` with each position's mean removed (content),
     ``pca_raw.png`` without (dominated by the positional embedding).
     """

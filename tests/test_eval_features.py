@@ -17,6 +17,7 @@ from scott.eval.features import (
     extract_features,
     feature_cache_key,
     load_encoder,
+    resolve_which,
 )
 from scott.models import build_encoder
 
@@ -58,6 +59,40 @@ def test_load_encoder_roundtrip_eval_mode_and_spec(run_dir):
         torch.testing.assert_close(enc(x), original(x), rtol=0, atol=0)
     with pytest.raises(FileNotFoundError):
         load_encoder(path, which="context")
+
+
+def test_resolve_which_follows_the_run_recipe_and_the_file_record(tmp_path):
+    from pathlib import Path
+
+    from scott.config import format_recipe, load_recipe
+
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.manual_seed(0)
+    encoders = {"target": build_encoder(TINY), "context": build_encoder(TINY)}
+    for which, name in (("target", "encoder"), ("context", "context_encoder")):
+        export_encoder(run / f"{name}.safetensors", encoders[which].state_dict(), TINY, eval_transform_spec(TINY),
+                       extra={"which": which})
+    assert resolve_which(run) == "target"  # no recipe.yaml: the EMA target, as before the key
+    assert resolve_which(run, "context") == "context"
+    for exported in ("context", "target"):
+        recipe = load_recipe(root / "recipes" / "demo.yaml", [f"train.export_encoder={exported}"], check_data=False)
+        (run / "recipe.yaml").write_text(format_recipe(recipe), encoding="utf-8")
+        assert resolve_which(run) == exported
+        assert resolve_which(run, "target") == "target" and resolve_which(run, "context") == "context"
+        loaded = load_encoder(run)  # the default load is the exported encoder, weights and all
+        assert loaded.source_path.endswith("context_encoder.safetensors" if exported == "context"
+                                           else "/encoder.safetensors")
+        torch.testing.assert_close(loaded.state_dict(), encoders[exported].state_dict(), rtol=0, atol=0)
+    # a file is the encoder it records being, whatever ``which`` says; unrecorded: ``which`` or target
+    assert resolve_which(run / "context_encoder.safetensors", "target") == "context"
+    assert resolve_which(run / "encoder.safetensors", "context") == "target"
+    bare = tmp_path / "bare.safetensors"
+    export_encoder(bare, encoders["target"].state_dict(), TINY, eval_transform_spec(TINY))
+    assert resolve_which(bare) == "target" and resolve_which(bare, "context") == "context"
+    with pytest.raises(ValueError, match="which must be one of"):
+        resolve_which(run, "ema")
 
 
 def test_grey_28px_digits_on_rgb_encoder(run_dir):

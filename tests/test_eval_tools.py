@@ -95,15 +95,43 @@ def test_bad_input_exits_2(run_dir, tmp_path):
     bad.mkdir()
     (bad / "recipe.yaml").write_text((run_dir / "recipe.yaml").read_text())
     (bad / "encoder.safetensors").write_bytes(b"garbage" * 10)
-    assert exit_code(knn, [str(bad)]) == 2
+    assert exit_code(knn, [str(bad), "--which", "target"]) == 2  # a damaged file
+    assert exit_code(knn, [str(bad)]) == 2  # the recipe's context encoder was never exported
     assert exit_code(knn, [str(run_dir), "--k", "0"]) == 2
+
+
+def test_tools_read_the_encoder_the_run_exports(run_dir, tmp_path):
+    """Without --which a run folder means the encoder its recipe exports (train.export_encoder),
+    and --which names the other one (scott.eval.features.resolve_which, tested there)."""
+    knn, export = load_tool("eval_knn"), load_tool("export_model")
+    target_run = tmp_path / "target_run"
+    target_run.mkdir()
+    recipe = load_recipe(ROOT / "recipes" / "demo.yaml", SMALL + ["train.export_encoder=target"])
+    (target_run / "recipe.yaml").write_text(format_recipe(recipe), encoding="utf-8")
+    for name in ("encoder.safetensors", "context_encoder.safetensors"):
+        (target_run / name).write_bytes((run_dir / name).read_bytes())
+    small = ["--k", "5", "--limit-train", "40", "--limit-test", "10"]
+    cases = [(run_dir, [], "context"), (target_run, [], "target"),
+             (run_dir, ["--which", "target"], "target"), (target_run, ["--which", "context"], "context")]
+    for run, extra, which in cases:
+        out = tmp_path / f"{run.name}-{which}.json"
+        assert exit_code(knn, [str(run), *small, "--json", str(out), *extra]) == 0
+        rec = json.loads(out.read_text())
+        file = "encoder.safetensors" if which == "target" else "context_encoder.safetensors"
+        assert rec["which"] == which and rec["encoder"].endswith(file), (run, extra, rec["encoder"])
+    for run, which in ((run_dir, "context"), (target_run, "target")):
+        assert exit_code(export, [str(run), "--out", str(tmp_path / f"card-{run.name}")]) == 0
+        config = json.loads((tmp_path / f"card-{run.name}" / "config.json").read_text())
+        assert config["scott"]["which"] == which
 
 
 def test_eval_linear_default_json_and_selection(run_dir):
     lin = load_tool("eval_linear")
     argv = [str(run_dir), "--limit-train", "80", "--limit-test", "30", "--lrs", "0.1", "1.0", "--epochs", "3"]
     assert exit_code(lin, argv) == 0
-    rec = json.loads((run_dir / "eval" / "linear_target.json").read_text())
+    # no --which: the encoder the run exports (the demo recipe's train.export_encoder: context)
+    rec = json.loads((run_dir / "eval" / "linear_context.json").read_text())
+    assert rec["which"] == "context" and "context_encoder.safetensors" in rec["encoder"]
     probe = rec["probe"]
     assert probe["n_fit"] + probe["n_val"] == rec["n_train"] == 80 and rec["n_test"] == 30
     assert [r["lr"] for r in probe["selection"]] == [0.1, 1.0]

@@ -133,14 +133,15 @@ def test_pretrain_on_a_nested_folder_then_embed_and_look(demo_folders, tmp_path,
     assert "pretraining data: 48 images, folder" in out and "unlabelled" in out
 
     emb_file = tmp_path / "emb" / "feats"
-    assert exit_code(load_tool("embed"), [str(run), str(base / "classes"), "--out", str(emb_file), "--batch-size", "16"]) == 0
+    assert exit_code(load_tool("embed"), [str(run), str(base / "classes"), "--out", str(emb_file), "--batch-size", "16",
+                                          "--which", "target"]) == 0
     from scott.eval.embed import read_embeddings
     from scott.eval.features import extract_features, load_encoder
 
     emb = read_embeddings(emb_file)
     assert len(emb.paths) == 48 and emb.paths == sorted(emb.paths) and emb.pool == "flat"
     # the same numbers as the kNN evaluation's features of the same images
-    encoder = load_encoder(run)
+    encoder = load_encoder(run, which="target")
     ds = build_dataset({"name": "folder", "root": str(base / "classes")}, "train", in_chans=1)
     ref, labels = extract_features(encoder, ds, progress=False)
     assert torch.allclose(emb.features, ref, atol=1e-6) and torch.equal(emb.labels, labels)
@@ -161,11 +162,11 @@ def test_pretrain_on_a_nested_folder_then_embed_and_look(demo_folders, tmp_path,
     # context in folder_cpu.yaml) and embeds the same images to the same vectors as that encoder
     assert (run / "export" / "config.json").is_file()
     assert exit_code(load_tool("embed"), [str(run / "export"), str(base / "classes"), "--out", str(tmp_path / "hf")]) == 0
-    assert exit_code(load_tool("embed"), [str(run), str(base / "classes"), "--which", "context",
+    assert exit_code(load_tool("embed"), [str(run), str(base / "classes"),  # no --which: the exported one
                                           "--out", str(tmp_path / "ctx")]) == 0
     exported = read_embeddings(tmp_path / "hf").features
     assert torch.allclose(exported, read_embeddings(tmp_path / "ctx").features, atol=1e-6)
-    assert not torch.allclose(exported, emb.features, atol=1e-3)  # emb: the target encoder
+    assert not torch.allclose(exported, emb.features, atol=1e-3)  # emb: --which target
     assert exit_code(load_tool("embed"), [str(run), str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
     assert exit_code(load_tool("embed"), [str(tmp_path / "norun"), str(base / "classes"), "--out", str(tmp_path / "x")]) == 2
 

@@ -52,7 +52,19 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def folder(run_dir, tmp_path_factory):
-    return export_pretrained(run_dir, tmp_path_factory.mktemp("hub") / "export", metrics={"knn": KNN, "linear": LINEAR})
+    return export_pretrained(run_dir, tmp_path_factory.mktemp("hub") / "export", metrics={"knn": KNN, "linear": LINEAR},
+                             which="target")
+
+
+def test_default_is_the_encoder_the_run_exports(run_dir, tmp_path):
+    """No ``which``: the run's train.export_encoder (the demo recipe's context), weights and card."""
+    out = export_pretrained(run_dir, tmp_path / "default")
+    config = json.loads((out / "config.json").read_text())
+    from safetensors import safe_open
+
+    with safe_open(str(run_dir / "context_encoder.safetensors"), "pt") as fh:
+        assert config["scott"]["encoder_sha256"] == fh.metadata()["sha256"]
+    assert config["scott"]["which"] == "context"
 
 
 def _damage(path: Path) -> None:
@@ -103,7 +115,7 @@ def test_closest_architecture_is_exact_for_a_registered_size():
 
 # ------------------------------------------------------------------------------------ loading
 def test_from_pretrained_and_timm_equal_the_scott_encoder(folder, run_dir):
-    enc = load_encoder(run_dir)
+    enc = load_encoder(run_dir, which="target")  # the encoder `folder` exports
     ours = scott.from_pretrained(folder, num_classes=3)
     theirs = timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=3).eval()
     assert type(theirs) is type(ours) and theirs.num_features == ours.num_features == 49 * 32
@@ -232,13 +244,17 @@ def test_cli_errors_exit_2_in_one_line(run_dir, tmp_path, capsys):
     assert err.startswith("error: ") and "no such run folder" in err and err.count("\n") == 1
     bad = tmp_path / "badrun"
     shutil.copytree(run_dir, bad, ignore=shutil.ignore_patterns("cache", "eval"))
-    _damage(bad / "encoder.safetensors")
+    _damage(bad / "context_encoder.safetensors")  # the encoder the demo recipe exports
     assert exit_code(tool, [str(bad), "--out", str(tmp_path / "o"), "--knn"]) == 2
     err = capsys.readouterr().err
     assert "damaged file" in err and err.count("\n") == 1
     (bad / "encoder.safetensors").write_bytes(b"garbage" * 10)
-    assert exit_code(tool, [str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert exit_code(tool, [str(bad), "--out", str(tmp_path / "o"), "--which", "target"]) == 2
     assert "damaged or not a safetensors file" in capsys.readouterr().err
+    (bad / "recipe.yaml").write_text((run_dir / "recipe.yaml").read_text().replace("train:\n", "train:\n  export_enc: x\n"))
+    assert exit_code(tool, [str(bad), "--out", str(tmp_path / "o")]) == 2  # the run's recipe names the encoder
+    err = capsys.readouterr().err
+    assert "export_enc" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()  # nothing written for a refused export
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -159,15 +159,19 @@ def test_two_step_benchmark_writes_table_json_and_png(tmp_path):
     proc2 = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": ""})
     assert proc2.returncode == 0 and "pretraining 2 steps" not in proc2.stdout
     assert json.loads((out / "quality.json").read_text())["summary"] == record["summary"]
-    # --encoder context evaluates the same finished runs' context encoders, next to the target's records
-    ctx_cmd = [a for a in cmd if a != "supervised"] + ["--encoder", "context"]
-    proc3 = subprocess.run(ctx_cmd, capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": ""})
+    # without --encoder the benchmark evaluates the encoder the recipe exports (demo.yaml: context);
+    # --encoder target evaluates the same finished runs' EMA targets, next to the context records
+    seed_dir = out / "ours" / "seed0"
+    assert json.loads((seed_dir / "eval_record_context.json").read_text())["encoder"] == "context"
+    assert not (seed_dir / "eval_record.json").exists() and record["encoder"] == "context"
+    target_cmd = [a for a in cmd if a != "supervised"] + ["--encoder", "target"]
+    proc3 = subprocess.run(target_cmd, capture_output=True, text=True, timeout=600,
+                           env={"OMP_NUM_THREADS": "1", "PATH": ""})
     assert proc3.returncode == 0, proc3.stderr[-2000:]
     assert "pretraining 2 steps" not in proc3.stdout
-    seed_dir = out / "ours" / "seed0"
     assert json.loads((seed_dir / "eval_record.json").read_text())["encoder"] == "target"
     assert json.loads((seed_dir / "eval_record_context.json").read_text())["encoder"] == "context"
-    assert json.loads((out / "quality.json").read_text())["encoder"] == "context"
+    assert json.loads((out / "quality.json").read_text())["encoder"] == "target"
 
 
 def test_report_only_tabulates_finished_rows_without_training(tmp_path):

@@ -110,7 +110,8 @@ def test_write_run_figures(tmp_path):
     from scott.data.transforms import eval_transform_spec
     from scott.models import build_encoder
 
-    recipe = load_recipe("recipes/demo.yaml", ["model.embed_dim=32", "model.depth=1", "model.num_heads=2"])
+    recipe = load_recipe("recipes/demo.yaml", ["model.embed_dim=32", "model.depth=1", "model.num_heads=2",
+                                               "train.export_encoder=target"])  # the one encoder written here
     (tmp_path / "recipe.yaml").write_text(format_recipe(recipe), encoding="utf-8")
     torch.manual_seed(0)
     enc = build_encoder(recipe["model"])

@@ -3,8 +3,8 @@
     python tools/embed.py RUN_OR_ENCODER FOLDER --out FILE [--which target|context] [--pool P]
                           [--batch-size 64] [--device cpu|cuda] [--on-bad-image error|skip]
 
-RUN_OR_ENCODER is a run folder (its encoder.safetensors, or context_encoder.safetensors with
---which context), an exported encoder file, or a shared model folder (tools/export_model.py). FOLDER is any folder of images (every image at
+RUN_OR_ENCODER is a run folder (the encoder its recipe exports, train.export_encoder, unless
+--which target|context names one), an exported encoder file, or a shared model folder (tools/export_model.py). FOLDER is any folder of images (every image at
 any depth; hidden files and non-images ignored; class folders, if present, give labels).
 Images go through the encoder's own evaluation transform and pooling (model.global_pool, the
 kNN evaluation's), batched, on the GPU when there is one. Writes FILE.safetensors,
@@ -26,11 +26,13 @@ POOLS = ("avg", "grid2", "grid3", "flat")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from scott.eval.runs import add_which_arg
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="run folder or encoder .safetensors file")
     parser.add_argument("folder", help="folder of images")
     parser.add_argument("--out", required=True, help="output file name (suffixes are added)")
-    parser.add_argument("--which", default="target", choices=("target", "context"))
+    add_which_arg(parser, "which encoder of a run folder embeds the images")
     parser.add_argument("--pool", default=None, choices=POOLS, help="[the encoder's model.global_pool]")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default=None, help="[cuda when available, else cpu]")

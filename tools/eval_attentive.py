@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Attentive probe: learned-query cross-attention pooling over frozen patch tokens + linear head.
 
-    python tools/eval_attentive.py runs/demo --which context
+    python tools/eval_attentive.py runs/demo --which target
     python tools/eval_attentive.py runs/demo --lrs 1e-3 3e-4 --epochs 20 --json attentive.json
 
 Same rule as the linear probe: lr / epochs chosen on a validation split carved from the labelled

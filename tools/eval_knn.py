@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """Weighted kNN (DINO) evaluation of a pretrained encoder, an untrained one, or raw pixels.
 
-    python tools/eval_knn.py runs/demo                      # target encoder, k = 10 20 100 200
-    python tools/eval_knn.py runs/demo --which context --k 20 --json knn.json
+    python tools/eval_knn.py runs/demo                      # the encoder the run exports, k = 10 20 100 200
+    python tools/eval_knn.py runs/demo --which target --k 20 --json knn.json
     python tools/eval_knn.py --random-init recipes/demo.yaml
     python tools/eval_knn.py --pixels demo
 
 Memory bank: the labelled train split (``trainval``) of the recipe's dataset; queries: its
-``data.eval_split`` (test). Average-pooled patch tokens, L2-normalised, cosine, exp(s/T) votes.
+``data.eval_split`` (test). Patch tokens pooled as the encoder's ``model.global_pool`` (``--pool``),
+L2-normalised, cosine, exp(s/T) votes.
 """
 
 import argparse

@@ -3,7 +3,7 @@
 
     python tools/export_model.py runs/demo --out runs/demo/export
     python tools/export_model.py runs/demo --out runs/demo/export --knn --linear
-    python tools/export_model.py runs/demo --out export_ctx --which context --knn
+    python tools/export_model.py runs/demo --out export_target --which target --knn
 
 Writes OUT/config.json (timm's keys + a ``scott`` block), OUT/model.safetensors (ScottViT
 weights with a sha256) and OUT/README.md (the model card: recipe, data, steps, metrics). With
@@ -31,12 +31,12 @@ from scott.config import RecipeError  # noqa: E402
 
 def parse_args(argv=None):
     from scott.eval.linear import DEFAULT_EPOCHS, DEFAULT_LRS
+    from scott.eval.runs import add_which_arg
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="run folder (or an exported encoder .safetensors file)")
     parser.add_argument("--out", required=True, help="folder to write (created; its three files are replaced)")
-    parser.add_argument("--which", choices=["target", "context"], default="target",
-                        help="which exported encoder (default: target, the EMA encoder)")
+    add_which_arg(parser, "which encoder of a run folder to export")
     parser.add_argument("--knn", action="store_true", help="measure kNN top-1 on the recipe's eval split")
     parser.add_argument("--linear", action="store_true", help="measure the linear probe on the recipe's eval split")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -48,6 +48,19 @@ def parse_args(argv=None):
                         help="linear probe epoch grid")
     parser.add_argument("--batch-size", type=int, default=128, help="feature extraction batch size [128]")
     return parser.parse_args(argv)
+
+
+def which_of(run: Path, which: str | None) -> str:
+    """The encoder ``run`` means (``--which`` or the run's ``train.export_encoder``); RecipeError
+    when the run's recipe cannot be read."""
+    from scott.eval.features import resolve_which
+
+    if not run.exists():
+        raise RecipeError(f"{run}: no such run folder or encoder file")
+    try:
+        return resolve_which(run, which)
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from None
 
 
 def check_export(run: Path, which: str) -> Path:
@@ -106,6 +119,7 @@ def main(argv=None):
     from scott.hub import export_pretrained
 
     run = Path(args.run)
+    args.which = which_of(run, args.which)
     check_export(run, args.which)
     run_dir = run if run.is_dir() else run.parent
     metrics = {}

@@ -23,6 +23,8 @@ from scott.cli import run_cli  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from scott.eval.runs import add_which_arg
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="run folder or encoder .safetensors file")
     parser.add_argument("folder", help="folder of images")
@@ -31,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default="neighbours.png")
     parser.add_argument("--map", default=None, help="also write a PCA map of the embeddings here")
     parser.add_argument("--seed", type=int, default=0, help="which images are the queries")
-    parser.add_argument("--which", default="target", choices=("target", "context"))
+    add_which_arg(parser, "which encoder of a run folder embeds the images")
     parser.add_argument("--pool", default=None, choices=("avg", "grid2", "grid3", "flat"))
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default=None)

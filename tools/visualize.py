@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scott.cli import run_cli  # noqa: E402
 from scott.config import RecipeError  # noqa: E402
+from scott.eval.runs import add_which_arg  # noqa: E402
 from scott.viz import write_run_figures  # noqa: E402
 
 
@@ -26,7 +27,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="run folder (recipe.yaml, metrics.jsonl, encoder.safetensors)")
     parser.add_argument("--num-images", type=int, default=4)
-    parser.add_argument("--which", choices=["target", "context"], default="target")
+    add_which_arg(parser, "whose patch tokens the PCA shows")
     parser.add_argument("--seed", type=int, default=0, help="image picks and masks [0]")
     parser.add_argument("--split", default=None, help="dataset split (default: the recipe's data.eval_split)")
     parser.add_argument("--pca-images", type=int, default=64, help="images the PCA is fit on [64]")

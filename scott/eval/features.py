@@ -1,8 +1,9 @@
 """Load exported encoders and extract frozen features for evaluation.
 
 Public API:
-    load_encoder(path_or_run_dir, which="target", device=None, backend=None) -> Encoder (eval mode)
-    encoder_file(path_or_run_dir, which)        -> Path of the safetensors file
+    load_encoder(path_or_run_dir, which=None, device=None, backend=None) -> Encoder (eval mode)
+    encoder_file(path_or_run_dir, which=None)   -> Path of the safetensors file
+    resolve_which(path_or_run_dir, which=None)  -> "target" | "context": the encoder a path means
     extract_features(encoder, dataset, pool="avg", ...) -> (features, labels)
     PixelEncoder(in_chans, eval_transform_spec)  raw-pixel "encoder" (baseline)
     file_digest(path)                            sha256 of a file (feature-cache key)
@@ -28,6 +29,7 @@ from PIL import Image
 __all__ = [
     "ENCODER_FILES",
     "encoder_file",
+    "resolve_which",
     "load_encoder",
     "extract_features",
     "PixelEncoder",
@@ -43,10 +45,47 @@ ENCODER_FILES = {"target": "encoder.safetensors", "context": "context_encoder.sa
 
 
 # ----------------------------------------------------------------------------- loading
-def encoder_file(path_or_run_dir: str | Path, which: str = "target") -> Path:
-    """The safetensors file for ``which`` encoder of a run folder (or ``path`` itself if a file)."""
-    if which not in ENCODER_FILES:
+def resolve_which(path_or_run_dir: str | Path, which: str | None = None) -> str:
+    """Which encoder ``path_or_run_dir`` stands for: ``"target"`` (EMA) or ``"context"``.
+
+    A run folder: ``which`` when given, else its recipe's ``train.export_encoder``, the encoder
+    its ``export/`` carries (``target`` when the folder has no ``recipe.yaml``). An encoder file:
+    the encoder it is, as its export recorded (``extra.which``), whatever ``which`` says; ``which``
+    (or ``target``) for a file that recorded none. Every tool's ``--which`` default is this one.
+    """
+    if which is not None and which not in ENCODER_FILES:
         raise ValueError(f"which must be one of {sorted(ENCODER_FILES)}, got {which!r}")
+    path = Path(path_or_run_dir)
+    if path.is_file():
+        recorded = _recorded_which(path)
+        return recorded or which or "target"
+    if which is not None:
+        return which
+    recipe = path / "recipe.yaml"
+    if not recipe.is_file():
+        return "target"
+    from scott.config import load_recipe
+
+    return str(load_recipe(recipe, check_data=False)["train"]["export_encoder"])
+
+
+def _recorded_which(path: Path) -> str | None:
+    """The ``which`` an encoder file's metadata records (None if unreadable or absent)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as fh:
+            extra = json.loads((fh.metadata() or {}).get("extra", "{}"))
+    except (SafetensorError, OSError, ValueError):  # unreadable: loading the file reports it
+        return None
+    value = extra.get("which") if isinstance(extra, dict) else None
+    return value if value in ENCODER_FILES else None
+
+
+def encoder_file(path_or_run_dir: str | Path, which: str | None = None) -> Path:
+    """The safetensors file for ``which`` encoder of a run folder (or ``path`` itself if a file);
+    ``which=None`` means :func:`resolve_which`'s default (the run's ``train.export_encoder``)."""
+    which = resolve_which(path_or_run_dir, which)
     path = Path(path_or_run_dir)
     if path.is_dir():
         path = path / ENCODER_FILES[which]
@@ -75,14 +114,15 @@ def _read_export(path: Path) -> tuple[dict, dict, dict | None]:
 
 def load_encoder(
     path_or_run_dir: str | Path,
-    which: str = "target",
+    which: str | None = None,
     device: str | torch.device | None = None,
     backend: str | None = None,
 ) -> nn.Module:
     """Rebuild an exported encoder from safetensors + metadata; returned in eval mode.
 
     ``path_or_run_dir`` is a run folder (``encoder.safetensors`` for ``which="target"``,
-    ``context_encoder.safetensors`` for ``"context"``) or a safetensors file. ``backend``
+    ``context_encoder.safetensors`` for ``"context"``, the run's ``train.export_encoder`` for
+    ``None``: :func:`resolve_which`) or a safetensors file. ``backend``
     overrides the tokenizer backend stored in the metadata. The encoder gets two attributes:
     ``eval_transform_spec`` (the stored evaluation transform) and ``model_cfg``.
 

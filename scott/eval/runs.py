@@ -26,6 +26,7 @@ from scott.eval.features import PixelEncoder, cached_features, extract_features,
 __all__ = [
     "EvalSource",
     "add_source_args",
+    "add_which_arg",
     "source_from_args",
     "load_run_source",
     "random_init_source",
@@ -64,10 +65,12 @@ def _load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> dict:
     return load_recipe(path, overrides)
 
 
-def load_run_source(path: str | Path, which: str = "target", overrides: Sequence[str] = (),
+def load_run_source(path: str | Path, which: str | None = None, overrides: Sequence[str] = (),
                     device=None, backend: str | None = None) -> EvalSource:
-    """Trained encoder of a run folder (or exported file) and the run's ``recipe.yaml``."""
+    """Trained encoder of a run folder (or exported file) and the run's ``recipe.yaml``;
+    ``which=None``: the encoder the run exports (:func:`scott.eval.features.resolve_which`)."""
     from scott.config import RecipeError
+    from scott.eval.features import resolve_which
 
     path = Path(path)
     if not path.exists():
@@ -77,6 +80,7 @@ def load_run_source(path: str | Path, which: str = "target", overrides: Sequence
     if not recipe_path.is_file():
         raise RecipeError(f"{recipe_path}: run recipe not found (is {run_dir} a run folder?)")
     recipe = _load_recipe(recipe_path, overrides)
+    which = resolve_which(path, which)
     try:
         encoder = load_encoder(path, which=which, device=device, backend=backend)
     except FileNotFoundError as exc:
@@ -87,10 +91,11 @@ def load_run_source(path: str | Path, which: str = "target", overrides: Sequence
                       encoder_path=Path(encoder.source_path), run_dir=run_dir, info={"which": which})
 
 
-def load_encoder_source(source: str | Path, which: str = "target", device=None):
-    """The encoder of a run folder, an exported encoder file or a shared model folder
-    (``config.json`` + ``model.safetensors``, :mod:`scott.hub`), for a CLI: a missing or damaged
-    file is a one-line :class:`scott.config.RecipeError`."""
+def load_encoder_source(source: str | Path, which: str | None = None, device=None):
+    """The encoder of a run folder (``which``, default the one the run exports), an exported
+    encoder file or a shared model folder (``config.json`` + ``model.safetensors``,
+    :mod:`scott.hub`), for a CLI: a missing or damaged file is a one-line
+    :class:`scott.config.RecipeError`."""
     from scott.config import RecipeError
 
     try:
@@ -165,8 +170,7 @@ def add_source_args(parser: argparse.ArgumentParser, which: bool = True) -> None
     """Options every evaluation CLI shares (positional RUN_DIR, --random-init, --pixels, ...)."""
     parser.add_argument("run_dir", nargs="?", help="run folder (or an exported encoder .safetensors file)")
     if which:
-        parser.add_argument("--which", choices=["target", "context"], default="target",
-                            help="which exported encoder to evaluate (default: target)")
+        add_which_arg(parser, "which encoder of a run folder to evaluate")
     parser.add_argument("--random-init", metavar="RECIPE", help="evaluate an untrained encoder of RECIPE")
     parser.add_argument("--pixels", metavar="RECIPE_OR_DATA", help="evaluate raw pixels (baseline)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -181,6 +185,14 @@ def add_source_args(parser: argparse.ArgumentParser, which: bool = True) -> None
     parser.add_argument("--limit-test", type=int, default=None, metavar="N",
                         help="use a seeded random subset of N test images")
     parser.add_argument("--num-workers", type=int, default=0, help="data loader workers [0]")
+
+
+def add_which_arg(parser: argparse.ArgumentParser, purpose: str) -> None:
+    """``--which target|context``; unset means the encoder the run exports (its recipe's
+    ``train.export_encoder``, :func:`scott.eval.features.resolve_which`)."""
+    parser.add_argument("--which", choices=["target", "context"], default=None,
+                        help=f"{purpose}: the EMA target or the context encoder (default: the one the "
+                             "run exports, its recipe's train.export_encoder)")
 
 
 def add_pool_arg(parser: argparse.ArgumentParser) -> None:
@@ -207,7 +219,7 @@ def source_from_args(args: argparse.Namespace) -> EvalSource:
                           f"(got {', '.join(given) or 'none'})")
     device = resolve_device(args.device)
     if args.run_dir:
-        return load_run_source(args.run_dir, getattr(args, "which", "target"), args.overrides, device, args.backend)
+        return load_run_source(args.run_dir, getattr(args, "which", None), args.overrides, device, args.backend)
     if args.random_init:
         return random_init_source(args.random_init, args.overrides, args.seed, device, args.backend)
     return pixel_source(args.pixels, args.overrides)
