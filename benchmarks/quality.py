@@ -442,8 +442,9 @@ def bar_chart_png(summary: dict, path: Path, title: str, cols) -> Path:
     return path
 
 
-def finished_ours_budgets(out: Path, encoder: str = "target") -> list[float]:
-    """Pretraining + probe seconds of every finished seed of row ``ours`` under ``out``."""
+def finished_ours_budgets(out: Path, encoder: str) -> list[float]:
+    """Pretraining + probe seconds of every finished seed of row ``ours`` under ``out`` whose
+    ``encoder`` (target | context) has been evaluated."""
     budgets = []
     for seed in range(1000):
         folder = out / "ours" / f"seed{seed}"

@@ -68,9 +68,7 @@ def check_export(run: Path, which: str) -> Path:
     from scott.checkpoint import CheckpointError, load_encoder_file
     from scott.eval.features import encoder_file
 
-    if not run.exists():
-        raise RecipeError(f"{run}: no such run folder or encoder file")
-    try:
+    try:  # ``run`` exists: which_of checked it
         path = encoder_file(run, which)
         load_encoder_file(path)
     except FileNotFoundError as exc:
