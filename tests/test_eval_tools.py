@@ -160,7 +160,35 @@ def test_eval_attentive_and_finetune_run(run_dir, tmp_path):
     assert len(rec["history"]) == 2 and rec["best_epoch"] in (1, 2)
     assert rec["n_fit"] + rec["n_val"] == 60 and rec["n_test"] == 20
     assert rec["hyperparameters"]["layer_decay"] == 0.75
+    assert rec["hyperparameters"]["pool"] == "flat"  # no --pool: the recipe's model.global_pool (demo: flat)
     assert exit_code(ft, ["--pixels", "demo"]) == 2
+
+
+def test_finetune_pool_sets_the_head_width(run_dir, tmp_path, monkeypatch):
+    """--pool reaches the classifier: flat feeds the head every token (N * D inputs), avg D;
+    without --pool the head pools as the recipe says (demo: flat)."""
+    import scott.models.timm_family as tf
+
+    ft = load_tool("finetune")
+    widths = {}
+    real = tf.ScottViT.from_encoder.__func__
+
+    def spy(cls, encoder, num_classes, global_pool=None, **kw):
+        model = real(cls, encoder, num_classes, global_pool=global_pool, **kw)
+        widths[global_pool] = (model.head.in_features, encoder.num_patches * encoder.embed_dim, encoder.embed_dim)
+        return model
+
+    monkeypatch.setattr(tf.ScottViT, "from_encoder", classmethod(spy))
+    for pool in ("flat", "avg", None):
+        out = tmp_path / f"ft_{pool}.json"
+        extra = [] if pool is None else ["--pool", pool]
+        assert exit_code(ft, [str(run_dir), "--limit-train", "40", "--limit-test", "10", "--epochs", "1",
+                              "--batch-size", "16", "--json", str(out), *extra]) == 0
+        assert json.loads(out.read_text())["hyperparameters"]["pool"] == (pool or "flat")
+    head, flat_width, dim = widths["flat"]
+    assert head == flat_width and widths["avg"][0] == dim and flat_width > dim
+    assert widths[None][0] == flat_width
+    assert exit_code(ft, [str(run_dir), "--pool", "max"]) == 2
 
 
 def test_feature_cache_tells_subsets_apart(run_dir, tmp_path):

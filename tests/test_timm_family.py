@@ -144,8 +144,9 @@ def test_wrong_or_damaged_exports_are_refused(tmp_path):
 
 def test_finetune_classifier_is_the_timm_model_and_checkpoints_round_trip(tmp_path):
     path = _export(tmp_path, {**TINY, "global_pool": "flat"})
-    ft = FinetuneClassifier(load_encoder(path), num_classes=4)
-    assert isinstance(ft, ScottViT) and ft.global_pool == "avg" and ft.num_features == 16  # finetune.py: avg
+    assert FinetuneClassifier(load_encoder(path), num_classes=4).global_pool == "flat"  # the encoder's own
+    ft = FinetuneClassifier(load_encoder(path), num_classes=4, global_pool="avg")
+    assert isinstance(ft, ScottViT) and ft.global_pool == "avg" and ft.num_features == 16
     with torch.no_grad():
         ft.head.bias.normal_()
     ckpt = tmp_path / "finetuned.safetensors"  # a whole-model checkpoint passes the filter unchanged

@@ -9,7 +9,9 @@ A validation split is carved from the labelled train split (data.val_fraction, s
 seeded); the model trains on the rest, the epoch with the best validation top-1 is kept, and the
 test split is evaluated once with it. The model is scott's timm model (``ScottViT``, what
 ``timm.create_model("scott_vit_small", pretrained=True, pretrained_cfg_overlay=dict(file=...))``
-builds) with average pooling, so timm's own training script can fine-tune the same export.
+builds), pooled as the recipe's ``model.global_pool`` (``flat`` in the CPU recipes: the head sees
+every token in its place, as the probes do) unless ``--pool`` says otherwise; timm's own training
+script builds the same model with ``global_pool=`` the same value.
 """
 
 import argparse
@@ -29,6 +31,7 @@ from scott.eval.runs import (  # noqa: E402
     add_source_args, command_line, dataset_labels, default_json_path, eval_datasets, limit_dataset,
     result_record, source_from_args, write_json,
 )
+from scott.models.encoder import GLOBAL_POOLS  # noqa: E402
 from scott.models.timm_family import ScottViT  # noqa: E402
 
 
@@ -45,6 +48,10 @@ def parse_args(argv=None):
     parser.add_argument("--no-flip", action="store_true", help="no random horizontal flips in training")
     parser.add_argument("--val-fraction", type=float, default=None, help="default: the recipe's data.val_fraction")
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    parser.add_argument("--pool", choices=list(GLOBAL_POOLS), default=None,
+                        help="how the head sees the tokens: avg (any input size) or a layout-keeping "
+                             "pooling (grid2, grid3, flat: every token concatenated) [the recipe's "
+                             "model.global_pool, as the probes]")
     return parser.parse_args(argv)
 
 
@@ -79,8 +86,9 @@ def main(argv=None):
     fit = fit if args.no_flip else FlipView(fit)
     val = view(torch.utils.data.Subset(train, val_idx.tolist()))
     num_classes = int(dataset_labels(train).max()) + 1
-    # The timm model (timm.create_model("scott_vit_*") builds the same class), average-pooled.
-    model = ScottViT.from_encoder(encoder, num_classes, global_pool="avg")
+    # The timm model (timm.create_model("scott_vit_*") builds the same class), pooled as --pool says.
+    model = ScottViT.from_encoder(encoder, num_classes, global_pool=args.pool)
+    args.pool = model.global_pool  # recorded as resolved
     result = finetune(model, fit, val, view(test), epochs=args.epochs, lr=args.lr, min_lr=args.min_lr,
                       warmup_epochs=args.warmup_epochs, batch_size=args.batch_size,
                       weight_decay=args.weight_decay, layer_decay=args.layer_decay,
@@ -100,7 +108,7 @@ def main(argv=None):
          "val_fraction": val_fraction},
         {"hyperparameters": {k: getattr(args, k) for k in (
             "epochs", "lr", "min_lr", "warmup_epochs", "weight_decay", "layer_decay", "label_smoothing",
-            "batch_size", "no_flip", "mixed_precision")},
+            "batch_size", "no_flip", "mixed_precision", "pool")},
          "num_processes": acc.num_processes, "limit_train": args.limit_train, "limit_test": args.limit_test},
     )
     out = args.json or default_json_path(source, "finetune")
