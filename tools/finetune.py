@@ -88,7 +88,6 @@ def main(argv=None):
     num_classes = int(dataset_labels(train).max()) + 1
     # The timm model (timm.create_model("scott_vit_*") builds the same class), pooled as --pool says.
     model = ScottViT.from_encoder(encoder, num_classes, global_pool=args.pool)
-    args.pool = model.global_pool  # recorded as resolved
     result = finetune(model, fit, val, view(test), epochs=args.epochs, lr=args.lr, min_lr=args.min_lr,
                       warmup_epochs=args.warmup_epochs, batch_size=args.batch_size,
                       weight_decay=args.weight_decay, layer_decay=args.layer_decay,
@@ -106,9 +105,9 @@ def main(argv=None):
         args.seed, result["n_fit"] + result["n_val"], result["n_test"],
         {"top1": t["top1"], "top5": t["top5"], "mean_per_class": t["mean_per_class"], **result,
          "val_fraction": val_fraction},
-        {"hyperparameters": {k: getattr(args, k) for k in (
+        {"hyperparameters": {**{k: getattr(args, k) for k in (
             "epochs", "lr", "min_lr", "warmup_epochs", "weight_decay", "layer_decay", "label_smoothing",
-            "batch_size", "no_flip", "mixed_precision", "pool")},
+            "batch_size", "no_flip", "mixed_precision")}, "pool": model.global_pool},
          "num_processes": acc.num_processes, "limit_train": args.limit_train, "limit_test": args.limit_test},
     )
     out = args.json or default_json_path(source, "finetune")
