@@ -13,7 +13,8 @@ Rows (``--rows``, default all):
   leaky        the SCOTT stack as a dense conv of the masked image, no re-masking between layers
   pixel        SCOTT + pixel-regression objective (does the latent target matter?)
   supervised   the same ViT trained from scratch on the labels, with the recipe's augmentation,
-               given row ``ours``' whole budget (pretraining + probe wall time)
+               given row ``ours``' whole budget (pretraining + probe wall time), or
+               ``--supervised-epochs N`` epochs
   random_init  the same encoder untrained (floor)
   pixels       raw pixels (floor)
 
@@ -101,6 +102,9 @@ def parse_args(argv=None):
                    help="which encoder of each pretrained row is evaluated: the EMA target (I-JEPA's "
                         "choice) or the context encoder [the recipe's train.export_encoder]")
     p.add_argument("--finetune-epochs", type=int, default=0, help="short fine-tune of each trained row [0 = off]")
+    p.add_argument("--supervised-epochs", type=int, default=None, metavar="N",
+                   help="epochs of the supervised row instead of the ones ours' wall budget buys on this "
+                        "machine (to rerun a recorded table's supervised row elsewhere with the epochs it got)")
     p.add_argument("--linear-lrs", type=float, nargs="+", default=None, metavar="LR",
                    help="learning rates of the linear probe's validation grid [tools/eval_linear.py's]")
     p.add_argument("--linear-epochs", type=int, nargs="+", default=None, metavar="E",
@@ -342,21 +346,26 @@ def evaluate_supervised(args, seed: int, budget_s: float, out: Path, log) -> dic
     labels = dataset_labels(train).numpy()
     classes = int(labels.max()) + 1
     fit_idx, val_idx = split_train_val(labels, float(recipe["data"]["val_fraction"]), seed)
-    probe = build_classifier(recipe, classes, seed)
     fn = transform_from_spec(eval_transform_spec(recipe["model"]))  # the recipe's evaluation transform
     view = lambda ds: EvalView(ds, fn, int(recipe["model"]["in_chans"]), True)  # noqa: E731
     val, test_view = view(LabeledSubset(train, val_idx)), view(test)
     batch = int(recipe["optim"]["batch_size"])
-    size, c = recipe["model"]["img_size"], recipe["model"]["in_chans"]
-    sec = seconds_per_step(probe, torch.randn(batch, c, size, size), torch.randint(0, classes, (batch,)))
     steps_per_epoch = max(1, len(fit_idx) // batch)
-    epochs = max(1, int(budget_s / (sec * steps_per_epoch)))
-    log(f"[bold]supervised[/] seed {seed}: {epochs} epochs from scratch ({budget_s:.0f} s budget)")
+    if args.supervised_epochs is None:  # the epochs ours' budget buys, timed on this machine
+        size, c = recipe["model"]["img_size"], recipe["model"]["in_chans"]
+        probe = build_classifier(recipe, classes, seed)
+        sec = seconds_per_step(probe, torch.randn(batch, c, size, size), torch.randint(0, classes, (batch,)))
+        epochs = max(1, int(budget_s / (sec * steps_per_epoch)))
+        log(f"[bold]supervised[/] seed {seed}: {epochs} epochs from scratch ({budget_s:.0f} s budget)")
+    else:
+        epochs = args.supervised_epochs
+        log(f"[bold]supervised[/] seed {seed}: {epochs} epochs from scratch (--supervised-epochs)")
     t0 = time.perf_counter()
     full = supervised_from_scratch(recipe, LabeledSubset(train, fit_idx), val, test_view, epochs, classes,
                                    seed=seed, log=lambda s: None)
     result = {"row": "supervised", "seed": seed, "finetune": full["test"]["top1"], "finetune_val": full["val"]["top1"],
-              "finetune_epochs": epochs, "wall_s": time.perf_counter() - t0, "budget_s": budget_s,
+              "finetune_epochs": epochs, "wall_s": time.perf_counter() - t0,
+              "budget_s": budget_s if args.supervised_epochs is None else None,
               "n_train": len(fit_idx), "n_test": len(test)}
     for count in args.label_counts:
         accs = []
@@ -492,8 +501,10 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.seeds < 1 or args.draws < 1 or (args.steps is not None and args.steps < 1) or \
-            (args.budget_minutes is not None and args.budget_minutes <= 0):
-        raise RecipeError("need --seeds >= 1, --draws >= 1 and a positive --steps or --budget-minutes")
+            (args.budget_minutes is not None and args.budget_minutes <= 0) or \
+            (args.supervised_epochs is not None and args.supervised_epochs < 1):
+        raise RecipeError("need --seeds >= 1, --draws >= 1, a positive --steps or --budget-minutes "
+                          "and --supervised-epochs >= 1 when given")
     base = load_recipe(args.recipe, row_overrides(args, "ours", 0))  # fails early, one line, exit 2
     args.encoder = args.encoder or base["train"]["export_encoder"]  # the encoder the recipe exports
     check_label_counts(args, base)

@@ -206,3 +206,20 @@ def test_time_to_knn_column_says_when_a_seed_never_got_there():
                                  "patchify": [{"minutes_to_knn": 3.0}, {"minutes_to_knn": 5.0}]}, cols)
     assert quality.format_cell(summary["ours"], "minutes_to_knn") == "not reached (1 of 2)"
     assert quality.format_cell(summary["patchify"], "minutes_to_knn") == "4.0"
+
+
+def test_supervised_epochs_fixes_the_supervised_rows_epochs(tmp_path):
+    out = tmp_path / "q"
+    common = [sys.executable, str(ROOT / "benchmarks/quality.py"), str(ROOT / "recipes/demo.yaml"), "--steps", "1",
+              "--subset", "100", "--rows", "supervised", "--label-counts", "2", "--draws", "1"]
+    common += sum((["--set", s] for s in TINY_SETS), [])
+    env = {"OMP_NUM_THREADS": "1", "PATH": ""}
+    proc = subprocess.run(common + ["--supervised-epochs", "3", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads((out / "quality.json").read_text())["rows"]["supervised"][0]
+    assert row["finetune_epochs"] == 3 and row["budget_s"] is None  # not the epochs a wall budget buys
+    assert "3 epochs from scratch (--supervised-epochs)" in proc.stdout
+    bad = subprocess.run(common + ["--supervised-epochs", "0", "--out", str(tmp_path / "b")],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert bad.returncode == 2 and "--supervised-epochs >= 1" in bad.stderr and "Traceback" not in bad.stderr
