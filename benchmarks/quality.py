@@ -36,7 +36,11 @@ order, masks) of every trained row; floors use them too (random init draws new w
 
 Output: a rich table, ``OUT/quality.json`` (command, recipe, CPU, every number) and
 ``OUT/quality.png`` (bars with seed spread). Finished rows are kept: rerunning the same command
-continues where it stopped; ``--report-only`` tabulates what is finished without training.
+continues where it stopped; ``--report-only`` tabulates what is finished without training. A
+finished record remembers what it was made for (overrides, steps or budget, label counts, draws,
+fine-tune epochs, the supervised row's epochs); a command that asks for something else stops with
+exit 2 naming the record, rather than tabulating numbers of another setting (``--report-only``
+warns instead).
 """
 from __future__ import annotations
 
@@ -155,6 +159,80 @@ def eval_recipe(args, recipe):
     return recipe.with_overrides([f"data.classes={'null' if classes is None else classes}"])
 
 
+# ----------------------------------------------------------------------------- finished records
+def legacy_request(record: dict) -> dict:
+    """What a record written before records kept their ``request`` was made for, as far as its
+    numbers tell: the pretraining overrides and fixed steps, the supervised row's fixed epochs,
+    the label counts and draws, the fine-tune epochs."""
+    made = {}
+    if "overrides" in record:
+        made["overrides"] = record["overrides"]
+        made["steps"] = None if "calibration_images_per_s" in record else record.get("steps")
+    if record.get("row") == "supervised":
+        made["supervised_epochs"] = record.get("finetune_epochs") if record.get("budget_s") is None else None
+    elif "knn" in record:  # an evaluation record: fine-tuned only if it says so
+        made["finetune_epochs"] = record.get("finetune_epochs", 0)
+    counts = sorted(int(k[6:]) for k in record if k.startswith("labels") and k[6:].isdigit())
+    if counts or "knn" in record or record.get("row") == "supervised":
+        made["label_counts"] = counts
+    draws = [v for k, v in record.items() if k.startswith("labels") and k.endswith("_draws")]
+    if draws:
+        made["draws"] = len(draws[0])
+    return made
+
+
+def request_mismatch(record: dict, request: dict) -> str | None:
+    """Why a finished ``record`` does not answer ``request`` (None if it does). The record's own
+    ``request`` (or, for an older record, :func:`legacy_request`) is compared key by key; a key
+    it does not know is not held against it. ``label_counts`` need only be among the record's;
+    ``finetune_epochs`` of 0 asks for no fine-tune, which any record answers."""
+    made = record.get("request") or legacy_request(record)
+    for key, want in request.items():
+        if key not in made:
+            continue
+        have = made[key]
+        if key == "label_counts":
+            missing = sorted(set(want) - set(have))
+            if missing:
+                return f"it has no {', '.join(f'labels{c}' for c in missing)} column (label counts {have})"
+        elif key == "finetune_epochs" and not want:
+            continue
+        elif have != want:
+            return f"it was made with {key} {have!r}, this command asks for {want!r}"
+    return None
+
+
+def finished_record(record_file: Path, request: dict, args, log) -> dict | None:
+    """The finished record in ``record_file`` when it answers ``request``; None when there is none.
+    A record made for another request stops the benchmark with one line (exit 2), since reusing
+    it would tabulate numbers of another setting; ``--report-only`` only warns."""
+    if not record_file.is_file():
+        return None
+    record = json.loads(record_file.read_text())
+    why = request_mismatch(record, request)
+    if why is not None:
+        message = (f"{record_file}: a finished record that does not match this command: {why}. "
+                   "Use another --out, or delete that folder to redo it")
+        if not args.report_only:
+            raise RecipeError(message)
+        log(f"[yellow]warning[/]: {message}")
+    return record
+
+
+def pretrain_request(args, row: str, seed: int) -> dict:
+    return {"overrides": row_overrides(args, row, seed), "steps": args.steps, "budget_minutes": args.budget_minutes}
+
+
+def eval_request(args) -> dict:
+    return {"label_counts": sorted(args.label_counts), "draws": args.draws,
+            "linear_grid": linear_grid_of(args) or "default", "finetune_epochs": args.finetune_epochs}
+
+
+def supervised_request(args) -> dict:
+    return {"supervised_epochs": args.supervised_epochs, "label_counts": sorted(args.label_counts),
+            "draws": args.draws}
+
+
 # ----------------------------------------------------------------------------- pretraining
 def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -201,8 +279,9 @@ def pretrain_row(args, row: str, seed: int, out: Path, log) -> dict:
 
     run_dir = out / row / f"seed{seed}"
     record_file = run_dir / "pretrain_record.json"
-    if record_file.is_file():
-        return json.loads(record_file.read_text())
+    finished = finished_record(record_file, pretrain_request(args, row, seed), args, log)
+    if finished is not None:
+        return finished
     recipe = load_recipe(args.recipe, row_overrides(args, row, seed))
     info = {}
     if args.steps:
@@ -220,7 +299,7 @@ def pretrain_row(args, row: str, seed: int, out: Path, log) -> dict:
     summary = pretrain(recipe, run_dir)
     record = {"row": row, "seed": seed, "steps": steps, "wall_s": time.perf_counter() - t0,
               "train_wall_s": summary["wall_s"], "images_per_s": summary["images_per_s"],
-              "overrides": row_overrides(args, row, seed), **info}
+              "overrides": row_overrides(args, row, seed), "request": pretrain_request(args, row, seed), **info}
     if args.monitor_every:
         records = _records(run_dir)
         minutes, step = minutes_to_knn(records, args.time_to_knn, int(recipe["optim"]["batch_size"]))
@@ -300,30 +379,33 @@ def evaluate_pretrained(args, row: str, seed: int, out: Path, log) -> dict:
 
     run_dir = out / row / f"seed{seed}"
     result_file = run_dir / eval_record_name(args.encoder)
-    if result_file.is_file():
-        return json.loads(result_file.read_text())
+    finished = finished_record(result_file, eval_request(args), args, log)
+    if finished is not None:
+        return finished
     recipe = eval_recipe(args, load_recipe(run_dir / "recipe.yaml"))
     encoder = load_encoder(run_dir, which=args.encoder)
     train, test = feature_sets(encoder, recipe)
-    result = {"encoder": args.encoder, **evaluate_features(args, train, test, seed)}
+    result = {"encoder": args.encoder, "request": eval_request(args), **evaluate_features(args, train, test, seed)}
     if args.finetune_epochs:
         result.update(finetune_encoder(encoder, recipe, args.finetune_epochs, seed))
     result_file.write_text(json.dumps(result, indent=1))
     return result
 
 
-def evaluate_floor(args, row: str, seed: int, out: Path) -> dict:
+def evaluate_floor(args, row: str, seed: int, out: Path, log) -> dict:
     from scott.eval.runs import pixel_source, random_init_source
 
     result_file = out / row / f"seed{seed}" / "eval_record.json"
-    if result_file.is_file():
-        return json.loads(result_file.read_text())
     sets = row_overrides(args, "ours", seed)
+    request = {"overrides": sets, **eval_request(args)}
+    finished = finished_record(result_file, request, args, log)
+    if finished is not None:
+        return finished
     source = (random_init_source(args.recipe, sets, seed=seed) if row == "random_init"
               else pixel_source(args.recipe, sets))
     recipe = eval_recipe(args, source.recipe)
     train, test = feature_sets(source.encoder, recipe)
-    result = {"row": row, "seed": seed, **evaluate_features(args, train, test, seed)}
+    result = {"row": row, "seed": seed, "request": request, **evaluate_features(args, train, test, seed)}
     result_file.parent.mkdir(parents=True, exist_ok=True)
     result_file.write_text(json.dumps(result, indent=1))
     return result
@@ -339,8 +421,9 @@ def evaluate_supervised(args, seed: int, budget_s: float, out: Path, log) -> dic
     from scott.eval.supervised import build_classifier, seconds_per_step, supervised_from_scratch
 
     result_file = out / "supervised" / f"seed{seed}" / "eval_record.json"
-    if result_file.is_file():
-        return json.loads(result_file.read_text())
+    finished = finished_record(result_file, supervised_request(args), args, log)
+    if finished is not None:
+        return finished
     recipe = eval_recipe(args, load_recipe(args.recipe, row_overrides(args, "ours", seed)))
     train, test = eval_datasets(recipe)
     labels = dataset_labels(train).numpy()
@@ -363,7 +446,7 @@ def evaluate_supervised(args, seed: int, budget_s: float, out: Path, log) -> dic
     t0 = time.perf_counter()
     full = supervised_from_scratch(recipe, LabeledSubset(train, fit_idx), val, test_view, epochs, classes,
                                    seed=seed, log=lambda s: None)
-    result = {"row": "supervised", "seed": seed, "finetune": full["test"]["top1"], "finetune_val": full["val"]["top1"],
+    result = {"row": "supervised", "seed": seed, "request": supervised_request(args), "finetune": full["test"]["top1"], "finetune_val": full["val"]["top1"],
               "finetune_epochs": epochs, "wall_s": time.perf_counter() - t0,
               "budget_s": budget_s if args.supervised_epochs is None else None,
               "n_train": len(fit_idx), "n_test": len(test)}
@@ -529,7 +612,7 @@ def main(argv=None):
                           else 60.0 * (args.budget_minutes or 1.0))
                 record = evaluate_supervised(args, seed, budget, out, log)
             else:
-                record = evaluate_floor(args, row, seed, out)
+                record = evaluate_floor(args, row, seed, out, log)
             rows.setdefault(row, []).append(record)
             log(f"{row} seed {seed}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in record.items()
                                                    if is_percent(k) and isinstance(v, float)))

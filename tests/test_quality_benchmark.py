@@ -223,3 +223,46 @@ def test_supervised_epochs_fixes_the_supervised_rows_epochs(tmp_path):
     bad = subprocess.run(common + ["--supervised-epochs", "0", "--out", str(tmp_path / "b")],
                          capture_output=True, text=True, timeout=600, env=env)
     assert bad.returncode == 2 and "--supervised-epochs >= 1" in bad.stderr and "Traceback" not in bad.stderr
+    # the finished record answers the same request, and refuses another: 2 epochs, or the wall budget
+    again = subprocess.run(common + ["--supervised-epochs", "3", "--out", str(out)],
+                           capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0 and "epochs from scratch" not in again.stdout  # reused, not retrained
+    for other in (["--supervised-epochs", "2"], []):
+        clash = subprocess.run(common + other + ["--out", str(out)], capture_output=True, text=True, timeout=600, env=env)
+        assert clash.returncode == 2 and "Traceback" not in clash.stderr, clash.stderr[-2000:]
+        assert "does not match this command" in clash.stderr and "supervised_epochs 3" in clash.stderr
+        assert "seed0/eval_record.json" in clash.stderr
+    report = subprocess.run(common + ["--supervised-epochs", "2", "--report-only", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert report.returncode == 0 and "warning" in report.stdout  # --report-only tabulates, and says so
+    assert json.loads((out / "quality.json").read_text())["rows"]["supervised"][0]["finetune_epochs"] == 3
+
+
+def test_request_mismatch_compares_what_a_record_was_made_for():
+    made = {"request": {"overrides": ["train.seed=0"], "steps": 2, "budget_minutes": None,
+                        "label_counts": [2, 10], "draws": 3, "finetune_epochs": 0}}
+    same = {"overrides": ["train.seed=0"], "steps": 2, "budget_minutes": None}
+    assert quality.request_mismatch(made, same) is None
+    assert quality.request_mismatch(made, {"label_counts": [10], "draws": 3}) is None  # a subset of its columns
+    assert "labels100" in quality.request_mismatch(made, {"label_counts": [10, 100]})
+    assert "steps 2" in quality.request_mismatch(made, {**same, "steps": 5})
+    assert "overrides" in quality.request_mismatch(made, {**same, "overrides": ["train.seed=1"]})
+    assert "finetune_epochs 0" in quality.request_mismatch(made, {"finetune_epochs": 3})
+    assert quality.request_mismatch({"request": {"finetune_epochs": 3}}, {"finetune_epochs": 0}) is None
+
+
+def test_records_without_a_request_are_read_for_what_their_numbers_say():
+    budget_pretrain = {"row": "ours", "steps": 900, "overrides": ["train.seed=0"], "calibration_images_per_s": 300.0}
+    assert quality.legacy_request(budget_pretrain) == {"overrides": ["train.seed=0"], "steps": None}
+    assert "steps None" in quality.request_mismatch(budget_pretrain, {"steps": 900})
+    fixed = {"row": "ours", "steps": 900, "overrides": ["train.seed=0"]}
+    assert quality.request_mismatch(fixed, {"overrides": ["train.seed=0"], "steps": 900}) is None
+    supervised_budget = {"row": "supervised", "finetune_epochs": 56, "budget_s": 120.0,
+                         "labels10": 0.7, "labels10_draws": [0.7, 0.7, 0.7]}
+    assert quality.legacy_request(supervised_budget) == {"supervised_epochs": None, "label_counts": [10], "draws": 3}
+    assert "supervised_epochs None" in quality.request_mismatch(supervised_budget, {"supervised_epochs": 56})
+    supervised_fixed = {**supervised_budget, "budget_s": None}
+    assert quality.request_mismatch(supervised_fixed, {"supervised_epochs": 56, "label_counts": [10]}) is None
+    evaluated = {"knn": 0.8, "linear": 0.8}  # evaluated, not fine-tuned, no label columns
+    assert "finetune_epochs 0" in quality.request_mismatch(evaluated, {"finetune_epochs": 5})
+    assert "labels10" in quality.request_mismatch(evaluated, {"label_counts": [10]})
