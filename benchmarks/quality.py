@@ -228,6 +228,13 @@ def eval_request(args) -> dict:
             "linear_grid": linear_grid_of(args) or "default", "finetune_epochs": args.finetune_epochs}
 
 
+def floor_request(args, overrides: list[str]) -> dict:
+    """A floor row's request: the probes' settings, never a fine-tune (floors are not fine-tuned)."""
+    request = {"overrides": overrides, **eval_request(args)}
+    del request["finetune_epochs"]
+    return request
+
+
 def supervised_request(args) -> dict:
     return {"supervised_epochs": args.supervised_epochs, "label_counts": sorted(args.label_counts),
             "draws": args.draws}
@@ -397,7 +404,7 @@ def evaluate_floor(args, row: str, seed: int, out: Path, log) -> dict:
 
     result_file = out / row / f"seed{seed}" / "eval_record.json"
     sets = row_overrides(args, "ours", seed)
-    request = {"overrides": sets, **eval_request(args)}
+    request = floor_request(args, sets)
     finished = finished_record(result_file, request, args, log)
     if finished is not None:
         return finished

@@ -266,3 +266,15 @@ def test_records_without_a_request_are_read_for_what_their_numbers_say():
     evaluated = {"knn": 0.8, "linear": 0.8}  # evaluated, not fine-tuned, no label columns
     assert "finetune_epochs 0" in quality.request_mismatch(evaluated, {"finetune_epochs": 5})
     assert "labels10" in quality.request_mismatch(evaluated, {"label_counts": [10]})
+
+
+def test_a_floor_record_answers_any_fine_tune_request():
+    """Floors are never fine-tuned, so --finetune-epochs does not make their records stale;
+    the probes' settings do."""
+    made = quality.parse_args(["recipes/demo.yaml", "--steps", "1"])
+    record = {"row": "pixels", "knn": 0.8, "request": quality.floor_request(made, ["train.seed=0"])}
+    asked = quality.parse_args(["recipes/demo.yaml", "--steps", "1", "--finetune-epochs", "3"])
+    assert quality.request_mismatch(record, quality.floor_request(asked, ["train.seed=0"])) is None
+    assert "finetune_epochs" in quality.eval_request(asked)  # the trained rows' request keeps it
+    fewer = quality.parse_args(["recipes/demo.yaml", "--steps", "1", "--draws", "1"])
+    assert "draws" in quality.request_mismatch(record, quality.floor_request(fewer, ["train.seed=0"]))
