@@ -230,9 +230,7 @@ def eval_request(args) -> dict:
 
 def floor_request(args, overrides: list[str]) -> dict:
     """A floor row's request: the probes' settings, never a fine-tune (floors are not fine-tuned)."""
-    request = {"overrides": overrides, **eval_request(args)}
-    del request["finetune_epochs"]
-    return request
+    return {"overrides": overrides, **{k: v for k, v in eval_request(args).items() if k != "finetune_epochs"}}
 
 
 def supervised_request(args) -> dict:
@@ -286,10 +284,11 @@ def pretrain_row(args, row: str, seed: int, out: Path, log) -> dict:
 
     run_dir = out / row / f"seed{seed}"
     record_file = run_dir / "pretrain_record.json"
-    finished = finished_record(record_file, pretrain_request(args, row, seed), args, log)
+    request = pretrain_request(args, row, seed)
+    finished = finished_record(record_file, request, args, log)
     if finished is not None:
         return finished
-    recipe = load_recipe(args.recipe, row_overrides(args, row, seed))
+    recipe = load_recipe(args.recipe, request["overrides"])
     info = {}
     if args.steps:
         steps = int(args.steps)
@@ -306,7 +305,7 @@ def pretrain_row(args, row: str, seed: int, out: Path, log) -> dict:
     summary = pretrain(recipe, run_dir)
     record = {"row": row, "seed": seed, "steps": steps, "wall_s": time.perf_counter() - t0,
               "train_wall_s": summary["wall_s"], "images_per_s": summary["images_per_s"],
-              "overrides": row_overrides(args, row, seed), "request": pretrain_request(args, row, seed), **info}
+              "overrides": request["overrides"], "request": request, **info}
     if args.monitor_every:
         records = _records(run_dir)
         minutes, step = minutes_to_knn(records, args.time_to_knn, int(recipe["optim"]["batch_size"]))
@@ -386,13 +385,14 @@ def evaluate_pretrained(args, row: str, seed: int, out: Path, log) -> dict:
 
     run_dir = out / row / f"seed{seed}"
     result_file = run_dir / eval_record_name(args.encoder)
-    finished = finished_record(result_file, eval_request(args), args, log)
+    request = eval_request(args)
+    finished = finished_record(result_file, request, args, log)
     if finished is not None:
         return finished
     recipe = eval_recipe(args, load_recipe(run_dir / "recipe.yaml"))
     encoder = load_encoder(run_dir, which=args.encoder)
     train, test = feature_sets(encoder, recipe)
-    result = {"encoder": args.encoder, "request": eval_request(args), **evaluate_features(args, train, test, seed)}
+    result = {"encoder": args.encoder, "request": request, **evaluate_features(args, train, test, seed)}
     if args.finetune_epochs:
         result.update(finetune_encoder(encoder, recipe, args.finetune_epochs, seed))
     result_file.write_text(json.dumps(result, indent=1))
