@@ -359,7 +359,7 @@ def evaluate_features(args, train, test, seed: int) -> dict:
 def finetune_encoder(encoder, recipe: dict, epochs: int, seed: int) -> dict:
     from scott.data.datasets import split_train_val
     from scott.eval.features import EvalView, encoder_in_chans, resolve_transform
-    from scott.eval.finetune import FinetuneClassifier, FlipView, finetune
+    from scott.eval.finetune import FinetuneClassifier, FlipView, finetune, seeded_init
     from scott.eval.runs import dataset_labels, eval_datasets
 
     train, test = eval_datasets(recipe)
@@ -370,7 +370,8 @@ def finetune_encoder(encoder, recipe: dict, epochs: int, seed: int) -> dict:
     view = lambda ds: EvalView(ds, fn, chans, convert)  # noqa: E731
     fit = FlipView(view(torch.utils.data.Subset(train, fit_idx.tolist())))
     val = view(torch.utils.data.Subset(train, val_idx.tolist()))
-    model = FinetuneClassifier(encoder.train(), int(labels.max()) + 1)
+    with seeded_init(seed):
+        model = FinetuneClassifier(encoder.train(), int(labels.max()) + 1)
     res = finetune(model, fit, val, view(test), epochs=epochs, seed=seed, log=lambda s: None)
     return {"finetune": res["test"]["top1"], "finetune_val": res["val"]["top1"], "finetune_epochs": epochs}
 

@@ -43,3 +43,20 @@ def test_flip_view_flips_only_horizontally():
     torch.manual_seed(0)
     outs = [FlipView([(x, 1)], p=1.0)[0][0], FlipView([(x, 1)], p=0.0)[0][0]]
     assert torch.equal(outs[0], x.flip(-1)) and torch.equal(outs[1], x)
+
+
+def test_seeded_init_fixes_the_head_whatever_ran_before_and_keeps_the_global_rng():
+    import torch
+
+    from scott.eval.finetune import seeded_init
+
+    heads = []
+    for burn in (0, 7):
+        torch.rand(burn)  # what the process drew before differs
+        before = torch.random.get_rng_state()
+        with seeded_init(3):
+            heads.append(torch.nn.Linear(16, 4).weight.detach().clone())
+        assert torch.equal(torch.random.get_rng_state(), before)
+    with seeded_init(4):
+        other = torch.nn.Linear(16, 4).weight
+    assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], other)

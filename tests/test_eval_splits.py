@@ -112,3 +112,28 @@ def test_eval_tools_use_the_same_rule(tmp_path, split):
     bank, queries = eval_datasets(recipe)
     assert not {p for p in bank.paths} & {p for p in queries.paths}   # the val queries are not in the bank
     assert all(f"/{split}/" in str(p) for p in queries.paths) and all("/train/" in str(p) for p in bank.paths)
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_bank_only_is_the_bank_and_never_builds_the_queries_split(tmp_path, split, monkeypatch):
+    import scott.data.eval_splits as es
+
+    cfg = {"name": "imagefolder", "root": str(_folder(tmp_path)), "val_fraction": 0.5}
+    bank, queries = bank_and_queries(cfg, split, seed=0)
+    built = []
+    real = es.build_dataset
+    monkeypatch.setattr(es, "build_dataset", lambda c, s, **kw: built.append(s) or real(c, s, **kw))
+    only = es.bank_only(cfg, split, seed=0)
+    assert built == [eval_plan("imagefolder", split).bank] and split not in built
+    assert [str(p) for p in only.paths] == [str(p) for p in bank.paths]
+
+
+def test_bank_only_of_a_carved_split_is_the_fit_part():
+    from scott.data.eval_splits import bank_only
+
+    cfg = {"name": "demo", "val_fraction": 0.1}
+    bank, queries = bank_and_queries(cfg, "val", seed=3)
+    only = bank_only(cfg, "val", seed=3)
+    assert identities(only) == identities(bank) and len(only) == 4500
+    assert not identities(only) & identities(queries)
+    assert len(bank_only(cfg, "test", seed=3)) == 5000

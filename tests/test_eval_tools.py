@@ -164,6 +164,28 @@ def test_eval_attentive_and_finetune_run(run_dir, tmp_path):
     assert exit_code(ft, ["--pixels", "demo"]) == 2
 
 
+def test_finetune_val_only_never_reads_the_test_split(run_dir, tmp_path, monkeypatch):
+    """--val-only: the same fit / validation split and training as a full run, no test split built."""
+    import scott.eval.runs as runs
+
+    ft = load_tool("finetune")
+    argv = [str(run_dir), "--limit-train", "60", "--epochs", "2", "--batch-size", "16", "--seed", "1"]
+    full, only = tmp_path / "full.json", tmp_path / "only.json"
+    assert exit_code(ft, [*argv, "--limit-test", "20", "--json", str(full)]) == 0
+
+    def no_test(*a, **kw):
+        raise AssertionError("--val-only built the test split")
+
+    monkeypatch.setattr(runs, "eval_datasets", no_test)
+    monkeypatch.setattr(ft, "eval_datasets", no_test, raising=False)
+    assert exit_code(ft, [*argv, "--val-only", "--json", str(only)]) == 0
+    a, b = json.loads(full.read_text()), json.loads(only.read_text())
+    assert b["val_only"] is True and b["test"] is None and b["n_test"] == 0 and "top1" not in b
+    assert (b["n_fit"], b["n_val"]) == (a["n_fit"], a["n_val"]) and a["test"] is not None
+    assert [h["val_top1"] for h in b["history"]] == [h["val_top1"] for h in a["history"]]
+    assert b["best_epoch"] == a["best_epoch"]
+
+
 def test_finetune_pool_sets_the_head_width(run_dir, tmp_path, monkeypatch):
     """--pool reaches the classifier: flat feeds the head every token (N * D inputs), avg D;
     without --pool the head pools as the recipe says (demo: flat)."""

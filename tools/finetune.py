@@ -7,7 +7,7 @@
 
 A validation split is carved from the labelled train split (data.val_fraction, stratified,
 seeded); the model trains on the rest, the epoch with the best validation top-1 is kept, and the
-test split is evaluated once with it. The model is scott's timm model (``ScottViT``, what
+test split is evaluated once with it (``--val-only``: never; for choosing the settings). The model is scott's timm model (``ScottViT``, what
 ``timm.create_model("scott_vit_small", pretrained=True, pretrained_cfg_overlay=dict(file=...))``
 builds), pooled as the recipe's ``model.global_pool`` (``flat`` in the CPU recipes: the head sees
 every token in its place, as the probes do) unless ``--pool`` says otherwise; timm's own training
@@ -26,9 +26,9 @@ from scott.cli import run_cli  # noqa: E402
 from scott.config import RecipeError  # noqa: E402
 from scott.data.datasets import split_train_val  # noqa: E402
 from scott.eval.features import EvalView, encoder_in_chans, resolve_transform  # noqa: E402
-from scott.eval.finetune import FlipView, finetune  # noqa: E402
+from scott.eval.finetune import FlipView, finetune, seeded_init  # noqa: E402
 from scott.eval.runs import (  # noqa: E402
-    add_source_args, command_line, dataset_labels, default_json_path, eval_datasets, limit_dataset,
+    add_source_args, command_line, dataset_labels, default_json_path, eval_bank, eval_datasets, limit_dataset,
     result_record, source_from_args, write_json,
 )
 from scott.models.encoder import GLOBAL_POOLS  # noqa: E402
@@ -48,6 +48,9 @@ def parse_args(argv=None):
     parser.add_argument("--no-flip", action="store_true", help="no random horizontal flips in training")
     parser.add_argument("--val-fraction", type=float, default=None, help="default: the recipe's data.val_fraction")
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    parser.add_argument("--val-only", action="store_true",
+                        help="choose hyper-parameters: report the validation split only; the test "
+                             "split is never built or read")
     parser.add_argument("--pool", choices=list(GLOBAL_POOLS), default=None,
                         help="how the head sees the tokens: avg (any input size) or a layout-keeping "
                              "pooling (grid2, grid3, flat: every token concatenated) [the recipe's "
@@ -69,9 +72,12 @@ def main(argv=None):
     args.device = str(acc.device)
     source = source_from_args(args)
     encoder = source.encoder.train()
-    train, test = eval_datasets(source.recipe)
+    if args.val_only:
+        train, test = eval_bank(source.recipe), None
+    else:
+        train, test = eval_datasets(source.recipe)
+        test = limit_dataset(test, args.limit_test, args.seed)
     train = limit_dataset(train, args.limit_train, args.seed)
-    test = limit_dataset(test, args.limit_test, args.seed)
     val_fraction = args.val_fraction or float(source.recipe["data"]["val_fraction"])
     fit_idx, val_idx = split_train_val(dataset_labels(train).numpy(), val_fraction, args.seed)
     transform, convert = resolve_transform(encoder, None)
@@ -87,8 +93,9 @@ def main(argv=None):
     val = view(torch.utils.data.Subset(train, val_idx.tolist()))
     num_classes = int(dataset_labels(train).max()) + 1
     # The timm model (timm.create_model("scott_vit_*") builds the same class), pooled as --pool says.
-    model = ScottViT.from_encoder(encoder, num_classes, global_pool=args.pool)
-    result = finetune(model, fit, val, view(test), epochs=args.epochs, lr=args.lr, min_lr=args.min_lr,
+    with seeded_init(args.seed):  # the head's init depends on --seed alone
+        model = ScottViT.from_encoder(encoder, num_classes, global_pool=args.pool)
+    result = finetune(model, fit, val, None if test is None else view(test), epochs=args.epochs, lr=args.lr, min_lr=args.min_lr,
                       warmup_epochs=args.warmup_epochs, batch_size=args.batch_size,
                       weight_decay=args.weight_decay, layer_decay=args.layer_decay,
                       label_smoothing=args.label_smoothing, seed=args.seed, accelerator=acc,
@@ -97,13 +104,18 @@ def main(argv=None):
         return 0
     t = result["test"]
     console.print(f"fine-tune {source.description}: best val epoch {result['best_epoch']} "
-                  f"(val top-1 {100 * result['val']['top1']:.2f} %, {result['n_val']} images carved from train)\n"
-                  f"TEST ({result['n_test']} images, evaluated once): top-1 {100 * t['top1']:.2f} %  "
-                  f"top-5 {100 * t['top5']:.2f} %  mean per class {100 * t['mean_per_class']:.2f} %")
+                  f"(val top-1 {100 * result['val']['top1']:.2f} %, {result['n_val']} images carved from train)")
+    if t is None:
+        console.print("validation only (--val-only): the test split was not built")
+    else:
+        console.print(f"TEST ({result['n_test']} images, evaluated once): top-1 {100 * t['top1']:.2f} %  "
+                      f"top-5 {100 * t['top5']:.2f} %  mean per class {100 * t['mean_per_class']:.2f} %")
+    scores = ({"val_only": True} if t is None else
+              {"top1": t["top1"], "top5": t["top5"], "mean_per_class": t["mean_per_class"]})
     record = result_record(
         "finetune", source, command_line(__file__, argv),
         args.seed, result["n_fit"] + result["n_val"], result["n_test"],
-        {"top1": t["top1"], "top5": t["top5"], "mean_per_class": t["mean_per_class"], **result,
+        {**scores, **result,
          "val_fraction": val_fraction},
         {"hyperparameters": {**{k: getattr(args, k) for k in (
             "epochs", "lr", "min_lr", "warmup_epochs", "weight_decay", "layer_decay", "label_smoothing",

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from scott.data.datasets import DatasetError, LabeledSubset, build_dataset, has_labels, split_train_val
 from scott.data.roots import SPLITS
 
-__all__ = ["EvalPlan", "eval_plan", "bank_and_queries"]
+__all__ = ["EvalPlan", "eval_plan", "bank_and_queries", "bank_only"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,14 @@ def eval_plan(name: str, split: str) -> EvalPlan:
     raise DatasetError(f"data.eval_split: no evaluation split '{split}' (expected 'test' or 'val')")
 
 
+def _labelled_bank(data_cfg: dict, plan: EvalPlan, in_chans: int | None):
+    bank = build_dataset(data_cfg, plan.bank, in_chans=in_chans)
+    if not has_labels(bank):
+        raise DatasetError(f"data.root: {bank.description} has no labels; kNN and probes need class folders "
+                           "(root/<class>/<image>, at least two); pretraining needs none")
+    return bank
+
+
 def bank_and_queries(data_cfg: dict, split: str, seed: int, in_chans: int | None = None):
     """(bank, queries) labelled datasets of ``split`` for the recipe's ``data`` section.
 
@@ -57,12 +65,20 @@ def bank_and_queries(data_cfg: dict, split: str, seed: int, in_chans: int | None
     validation split.
     """
     plan = eval_plan(data_cfg["name"], split)
-    bank = build_dataset(data_cfg, plan.bank, in_chans=in_chans)
-    if not has_labels(bank):
-        raise DatasetError(f"data.root: {bank.description} has no labels; kNN and probes need class folders "
-                           "(root/<class>/<image>, at least two); pretraining needs none")
+    bank = _labelled_bank(data_cfg, plan, in_chans)
     if not plan.carved:
         return bank, build_dataset(data_cfg, plan.queries, in_chans=in_chans)
     fit, val = split_train_val(bank.labels, float(data_cfg["val_fraction"]), int(seed))
     return (LabeledSubset(bank, fit, description=f"{plan.bank} (fit part)"),
             LabeledSubset(bank, val, description=f"val (carved from {plan.bank}, seed {seed})"))
+
+
+def bank_only(data_cfg: dict, split: str, seed: int, in_chans: int | None = None):
+    """The bank of :func:`bank_and_queries` (the same images), without building the queries'
+    split: for work that must never read the test split (choosing hyper-parameters)."""
+    plan = eval_plan(data_cfg["name"], split)
+    bank = _labelled_bank(data_cfg, plan, in_chans)
+    if not plan.carved:
+        return bank
+    fit, _ = split_train_val(bank.labels, float(data_cfg["val_fraction"]), int(seed))
+    return LabeledSubset(bank, fit, description=f"{plan.bank} (fit part)")

@@ -11,14 +11,18 @@ Public API:
                                                   encoder -> pooled tokens -> LayerNorm -> Linear
     encoder_layer_id(name, depth)                 layer index of a parameter (for layer decay)
     param_groups(model, weight_decay, layer_decay) AdamW groups with per-group ``lr_scale``
+    seeded_init(seed)                             context: the head (or a random encoder) is
+                                                  initialised from ``seed``, not from whatever
+                                                  the process drew before; the global RNG is kept
     FlipView(dataset)                             random horizontal flips on a tensor dataset
     finetune(model, fit, val, test, ...)          -> dict of results
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -30,7 +34,7 @@ from scott.optim_groups import adamw
 from scott.optim_groups import param_groups as _param_groups
 from scott.schedules import warmup_cosine
 
-__all__ = ["FinetuneClassifier", "encoder_layer_id", "param_groups", "FlipView", "finetune"]
+__all__ = ["FinetuneClassifier", "encoder_layer_id", "param_groups", "seeded_init", "FlipView", "finetune"]
 
 
 class FinetuneClassifier(ScottViT):
@@ -63,6 +67,15 @@ def param_groups(model: ScottViT, weight_decay: float, layer_decay: float = 1.0)
     depth = len(getattr(model.encoder, "blocks", []))
     return _param_groups(model, weight_decay, layer_of=lambda name: encoder_layer_id(name, depth),
                          layer_decay=layer_decay, top_layer=depth + 1)
+
+
+@contextlib.contextmanager
+def seeded_init(seed: int) -> Iterator[None]:
+    """Build models inside this block to initialise them from ``seed`` alone (the CPU RNG is
+    restored afterwards), so a classifier head is the same whatever ran earlier in the process."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        yield
 
 
 class FlipView(torch.utils.data.Dataset):
@@ -115,7 +128,8 @@ def finetune(
 ) -> dict:
     """Fine-tune on ``fit``, pick the epoch with the best ``val`` top-1, evaluate ``test`` once.
 
-    ``fit`` / ``val`` / ``test`` are datasets of ``(tensor image, label)`` (already transformed).
+    ``fit`` / ``val`` / ``test`` are datasets of ``(tensor image, label)`` (already transformed);
+    ``test=None`` is validation only (choosing hyper-parameters): ``test`` is None in the result.
     ``lr`` is the peak lr for a batch of ``batch_size`` per optimiser step. Returns a dict with
     ``best_epoch``, ``val`` (metrics of the chosen epoch), ``test`` and the per-epoch ``history``.
     """
@@ -128,10 +142,14 @@ def finetune(
     fit_loader = torch.utils.data.DataLoader(fit, batch_size=batch_size, shuffle=True, generator=gen,
                                              num_workers=num_workers, drop_last=len(fit) > batch_size)
     val_loader = torch.utils.data.DataLoader(val, batch_size=batch_size, num_workers=num_workers)
-    test_loader = torch.utils.data.DataLoader(test, batch_size=batch_size, num_workers=num_workers)
+    test_loader = (None if test is None else
+                   torch.utils.data.DataLoader(test, batch_size=batch_size, num_workers=num_workers))
     optimizer = adamw(param_groups(model, weight_decay, layer_decay), lr=lr)
-    model, optimizer, fit_loader, val_loader, test_loader = acc.prepare(
-        model, optimizer, fit_loader, val_loader, test_loader)
+    if test_loader is None:
+        model, optimizer, fit_loader, val_loader = acc.prepare(model, optimizer, fit_loader, val_loader)
+    else:
+        model, optimizer, fit_loader, val_loader, test_loader = acc.prepare(
+            model, optimizer, fit_loader, val_loader, test_loader)
     steps_per_epoch = len(fit_loader)
     total, warmup = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
@@ -159,6 +177,7 @@ def finetune(
             best = {"epoch": epoch + 1, "val": metrics}
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in acc.unwrap_model(model).state_dict().items()})
     acc.unwrap_model(model).load_state_dict(best_state)
-    test_metrics = _evaluate(model, test_loader, acc)  # the one look at the test split
+    # the one look at the test split
+    test_metrics = None if test_loader is None else _evaluate(model, test_loader, acc)
     return {"best_epoch": best["epoch"], "val": best["val"], "test": test_metrics, "history": history,
-            "n_fit": len(fit), "n_val": len(val), "n_test": len(test)}
+            "n_fit": len(fit), "n_val": len(val), "n_test": 0 if test is None else len(test)}

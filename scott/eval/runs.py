@@ -31,6 +31,7 @@ __all__ = [
     "load_run_source",
     "random_init_source",
     "pixel_source",
+    "eval_bank",
     "eval_datasets",
     "limit_dataset",
     "features_for",
@@ -244,6 +245,20 @@ def eval_datasets(recipe: dict, in_chans: int | None = None):
     try:
         return bank_and_queries(data_cfg, data_cfg["eval_split"], int(recipe["train"]["seed"]),
                                 in_chans=in_chans)
+    except (DatasetError, FileNotFoundError) as exc:
+        raise RecipeError(f"data {data_cfg['name']!r}: {exc}") from None
+
+
+def eval_bank(recipe: dict, in_chans: int | None = None):
+    """The labelled bank of :func:`eval_datasets` alone: the queries' split (the test split for
+    ``data.eval_split: test``) is never built or read."""
+    from scott.config import RecipeError
+    from scott.data.datasets import DatasetError
+    from scott.data.eval_splits import bank_only
+
+    data_cfg = recipe["data"]
+    try:
+        return bank_only(data_cfg, data_cfg["eval_split"], int(recipe["train"]["seed"]), in_chans=in_chans)
     except (DatasetError, FileNotFoundError) as exc:
         raise RecipeError(f"data {data_cfg['name']!r}: {exc}") from None
 

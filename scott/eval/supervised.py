@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from scott.data.transforms import build_pretrain_transform, view_seed
-from scott.eval.finetune import FinetuneClassifier, finetune
+from scott.eval.finetune import FinetuneClassifier, finetune, seeded_init
 from scott.optim_groups import adamw
 
 __all__ = ["AugmentedLabels", "supervised_from_scratch", "seconds_per_step", "build_classifier"]
@@ -49,8 +49,7 @@ def build_classifier(recipe: dict, num_classes: int, seed: int) -> FinetuneClass
     """A randomly initialised encoder of ``recipe`` (seeded) with a linear head."""
     from scott.models import build_encoder
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
+    with seeded_init(seed):
         return FinetuneClassifier(build_encoder(recipe["model"]), num_classes)
 
 
