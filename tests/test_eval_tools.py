@@ -186,6 +186,31 @@ def test_finetune_val_only_never_reads_the_test_split(run_dir, tmp_path, monkeyp
     assert b["best_epoch"] == a["best_epoch"]
 
 
+def test_finetune_augment_recipe_trains_on_the_recipes_views(run_dir, tmp_path, monkeypatch):
+    """--augment recipe: the fit part seen through the recipe's pretraining augmentation (a new
+    view per visit, the model's input shape), as the supervised-from-scratch baseline trains."""
+    from scott.eval.supervised import AugmentedLabels
+
+    ft = load_tool("finetune")
+    seen = {}
+    real = ft.finetune
+
+    def spy(model, fit, val, test, **kw):
+        seen["fit"], seen["val"] = fit, val
+        return real(model, fit, val, test, **kw)
+
+    monkeypatch.setattr(ft, "finetune", spy)
+    out = tmp_path / "aug.json"
+    assert exit_code(ft, [str(run_dir), "--limit-train", "40", "--epochs", "1", "--batch-size", "16",
+                          "--val-only", "--augment", "recipe", "--json", str(out)]) == 0
+    fit, val = seen["fit"], seen["val"]
+    assert isinstance(fit, AugmentedLabels) and len(fit) + len(val) == 40
+    (x1, y1), (x2, y2) = fit[0], fit[0]
+    assert x1.shape == val[0][0].shape and y1 == y2 and not torch.equal(x1, x2)
+    assert json.loads(out.read_text())["hyperparameters"]["augment"] == "recipe"
+    assert exit_code(ft, [str(run_dir), "--augment", "recipe", "--no-flip"]) == 2
+
+
 def test_finetune_pool_sets_the_head_width(run_dir, tmp_path, monkeypatch):
     """--pool reaches the classifier: flat feeds the head every token (N * D inputs), avg D;
     without --pool the head pools as the recipe says (demo: flat)."""

@@ -25,12 +25,14 @@ from rich.console import Console  # noqa: E402
 from scott.cli import run_cli  # noqa: E402
 from scott.config import RecipeError  # noqa: E402
 from scott.data.datasets import split_train_val  # noqa: E402
+from scott.data.transforms import build_pretrain_transform  # noqa: E402
 from scott.eval.features import EvalView, encoder_in_chans, resolve_transform  # noqa: E402
 from scott.eval.finetune import FlipView, finetune, seeded_init  # noqa: E402
 from scott.eval.runs import (  # noqa: E402
     add_source_args, command_line, dataset_labels, default_json_path, eval_bank, eval_datasets, limit_dataset,
     result_record, source_from_args, write_json,
 )
+from scott.eval.supervised import AugmentedLabels  # noqa: E402
 from scott.models.encoder import GLOBAL_POOLS  # noqa: E402
 from scott.models.timm_family import ScottViT  # noqa: E402
 
@@ -46,6 +48,10 @@ def parse_args(argv=None):
     parser.add_argument("--layer-decay", type=float, default=1.0, help="layer-wise lr decay (1 = off) [1.0]")
     parser.add_argument("--label-smoothing", type=float, default=0.1, help="[0.1]")
     parser.add_argument("--no-flip", action="store_true", help="no random horizontal flips in training")
+    parser.add_argument("--augment", choices=["flip", "recipe"], default="flip",
+                        help="training views: random horizontal flips (unless --no-flip), or the "
+                             "recipe's pretraining augmentation (its context view: crops, flips, "
+                             "colour), as the supervised-from-scratch baseline of benchmarks/quality.py [flip]")
     parser.add_argument("--val-fraction", type=float, default=None, help="default: the recipe's data.val_fraction")
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     parser.add_argument("--val-only", action="store_true",
@@ -65,6 +71,9 @@ def main(argv=None):
         raise RecipeError("--pixels has nothing to fine-tune; use eval_linear.py --pixels for a pixel baseline")
     if args.epochs < 1 or args.lr <= 0 or not 0 < args.layer_decay <= 1:
         console.print("[red]error:[/] need --epochs >= 1, --lr > 0, 0 < --layer-decay <= 1")
+        return 2
+    if args.no_flip and args.augment != "flip":
+        console.print("[red]error:[/] --no-flip goes with --augment flip (the recipe's augmentation decides its own flips)")
         return 2
     from accelerate import Accelerator
 
@@ -88,8 +97,12 @@ def main(argv=None):
 
     import torch
 
-    fit = view(torch.utils.data.Subset(train, fit_idx.tolist()))
-    fit = fit if args.no_flip else FlipView(fit)
+    if args.augment == "recipe":
+        fit = AugmentedLabels(torch.utils.data.Subset(train, fit_idx.tolist()),
+                              build_pretrain_transform(source.recipe), args.seed)
+    else:
+        fit = view(torch.utils.data.Subset(train, fit_idx.tolist()))
+        fit = fit if args.no_flip else FlipView(fit)
     val = view(torch.utils.data.Subset(train, val_idx.tolist()))
     num_classes = int(dataset_labels(train).max()) + 1
     # The timm model (timm.create_model("scott_vit_*") builds the same class), pooled as --pool says.
@@ -119,7 +132,7 @@ def main(argv=None):
          "val_fraction": val_fraction},
         {"hyperparameters": {**{k: getattr(args, k) for k in (
             "epochs", "lr", "min_lr", "warmup_epochs", "weight_decay", "layer_decay", "label_smoothing",
-            "batch_size", "no_flip", "mixed_precision")}, "pool": model.global_pool},
+            "batch_size", "no_flip", "augment", "mixed_precision")}, "pool": model.global_pool},
          "num_processes": acc.num_processes, "limit_train": args.limit_train, "limit_test": args.limit_test},
     )
     out = args.json or default_json_path(source, "finetune")
