@@ -26,7 +26,8 @@ Evaluation (the same for every row, on the recipe's official test split, read on
 weighted kNN top-1 (k=20, T=0.07), the linear probe of ``tools/eval_linear.py`` (grid chosen on the
 validation split carved from train), label efficiency (linear probe on 10 and 100 labels per
 class drawn from the fit part, 3 draws, chosen on the same validation split), and an optional
-short fine-tune (``--finetune-epochs``). ``--linear-lrs`` / ``--linear-epochs`` replace the linear
+short fine-tune (``--finetune-epochs``; ``--finetune-augment recipe`` trains it on the recipe's
+pretraining views, the augmentation the supervised row trains on, instead of flips only). ``--linear-lrs`` / ``--linear-epochs`` replace the linear
 probe's grid (60,000 x 6,272 flat features need fewer epochs for the same number of updates,
 and the default 18-point grid takes most of an hour there). Time to accuracy
 (``--monitor-every E``): each pretraining row runs the validation kNN monitor every E epochs, and
@@ -106,6 +107,9 @@ def parse_args(argv=None):
                    help="which encoder of each pretrained row is evaluated: the EMA target (I-JEPA's "
                         "choice) or the context encoder [the recipe's train.export_encoder]")
     p.add_argument("--finetune-epochs", type=int, default=0, help="short fine-tune of each trained row [0 = off]")
+    p.add_argument("--finetune-augment", choices=["flip", "recipe"], default="flip",
+                   help="the fine-tune's training views: horizontal flips, or the recipe's pretraining "
+                        "augmentation, as the supervised row [flip]")
     p.add_argument("--supervised-epochs", type=int, default=None, metavar="N",
                    help="epochs of the supervised row instead of the ones ours' wall budget buys on this "
                         "machine (to rerun a recorded table's supervised row elsewhere with the epochs it got)")
@@ -172,6 +176,7 @@ def legacy_request(record: dict) -> dict:
         made["supervised_epochs"] = record.get("finetune_epochs") if record.get("budget_s") is None else None
     elif "knn" in record:  # an evaluation record: fine-tuned only if it says so
         made["finetune_epochs"] = record.get("finetune_epochs", 0)
+        made["finetune_augment"] = record.get("finetune_augment", "flip")
     counts = sorted(int(k[6:]) for k in record if k.startswith("labels") and k[6:].isdigit())
     if counts or "knn" in record or record.get("row") == "supervised":
         made["label_counts"] = counts
@@ -181,14 +186,21 @@ def legacy_request(record: dict) -> dict:
     return made
 
 
+# what a record made before a request key existed was made with
+REQUEST_DEFAULTS = {"finetune_augment": "flip"}
+
+
 def request_mismatch(record: dict, request: dict) -> str | None:
     """Why a finished ``record`` does not answer ``request`` (None if it does). The record's own
     ``request`` (or, for an older record, :func:`legacy_request`) is compared key by key; a key
     it does not know is not held against it. ``label_counts`` need only be among the record's;
-    ``finetune_epochs`` of 0 asks for no fine-tune, which any record answers."""
-    made = record.get("request") or legacy_request(record)
+    ``finetune_epochs`` of 0 asks for no fine-tune, which any record answers (whatever its
+    ``finetune_augment``; a record from before that key fine-tuned on flips)."""
+    made = {**REQUEST_DEFAULTS, **(record.get("request") or legacy_request(record))}
     for key, want in request.items():
         if key not in made:
+            continue
+        if key == "finetune_augment" and not request.get("finetune_epochs"):
             continue
         have = made[key]
         if key == "label_counts":
@@ -225,12 +237,14 @@ def pretrain_request(args, row: str, seed: int) -> dict:
 
 def eval_request(args) -> dict:
     return {"label_counts": sorted(args.label_counts), "draws": args.draws,
-            "linear_grid": linear_grid_of(args) or "default", "finetune_epochs": args.finetune_epochs}
+            "linear_grid": linear_grid_of(args) or "default", "finetune_epochs": args.finetune_epochs,
+            "finetune_augment": args.finetune_augment}
 
 
 def floor_request(args, overrides: list[str]) -> dict:
     """A floor row's request: the probes' settings, never a fine-tune (floors are not fine-tuned)."""
-    return {"overrides": overrides, **{k: v for k, v in eval_request(args).items() if k != "finetune_epochs"}}
+    return {"overrides": overrides,
+            **{k: v for k, v in eval_request(args).items() if k not in ("finetune_epochs", "finetune_augment")}}
 
 
 def supervised_request(args) -> dict:
@@ -356,11 +370,15 @@ def evaluate_features(args, train, test, seed: int) -> dict:
     return out
 
 
-def finetune_encoder(encoder, recipe: dict, epochs: int, seed: int) -> dict:
+def finetune_encoder(encoder, recipe: dict, epochs: int, seed: int, augment: str = "flip") -> dict:
+    """Fine-tune ``encoder`` on the fit part; ``augment`` "recipe" trains on the recipe's
+    pretraining views (``AugmentedLabels``, as the supervised row), "flip" on flipped images."""
     from scott.data.datasets import split_train_val
+    from scott.data.transforms import build_pretrain_transform
     from scott.eval.features import EvalView, encoder_in_chans, resolve_transform
     from scott.eval.finetune import FinetuneClassifier, FlipView, finetune, seeded_init
     from scott.eval.runs import dataset_labels, eval_datasets
+    from scott.eval.supervised import AugmentedLabels
 
     train, test = eval_datasets(recipe)
     labels = dataset_labels(train)
@@ -368,12 +386,15 @@ def finetune_encoder(encoder, recipe: dict, epochs: int, seed: int) -> dict:
     fn, convert = resolve_transform(encoder, None)
     chans = encoder_in_chans(encoder)
     view = lambda ds: EvalView(ds, fn, chans, convert)  # noqa: E731
-    fit = FlipView(view(torch.utils.data.Subset(train, fit_idx.tolist())))
+    fit_part = torch.utils.data.Subset(train, fit_idx.tolist())
+    fit = (AugmentedLabels(fit_part, build_pretrain_transform(recipe), seed) if augment == "recipe"
+           else FlipView(view(fit_part)))
     val = view(torch.utils.data.Subset(train, val_idx.tolist()))
     with seeded_init(seed):
         model = FinetuneClassifier(encoder.train(), int(labels.max()) + 1)
     res = finetune(model, fit, val, view(test), epochs=epochs, seed=seed, log=lambda s: None)
-    return {"finetune": res["test"]["top1"], "finetune_val": res["val"]["top1"], "finetune_epochs": epochs}
+    return {"finetune": res["test"]["top1"], "finetune_val": res["val"]["top1"], "finetune_epochs": epochs,
+            "finetune_augment": augment}
 
 
 def eval_record_name(encoder: str) -> str:
@@ -395,7 +416,7 @@ def evaluate_pretrained(args, row: str, seed: int, out: Path, log) -> dict:
     train, test = feature_sets(encoder, recipe)
     result = {"encoder": args.encoder, "request": request, **evaluate_features(args, train, test, seed)}
     if args.finetune_epochs:
-        result.update(finetune_encoder(encoder, recipe, args.finetune_epochs, seed))
+        result.update(finetune_encoder(encoder, recipe, args.finetune_epochs, seed, args.finetune_augment))
     result_file.write_text(json.dumps(result, indent=1))
     return result
 

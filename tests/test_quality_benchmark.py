@@ -278,3 +278,42 @@ def test_a_floor_record_answers_any_fine_tune_request():
     assert "finetune_epochs" in quality.eval_request(asked)  # the trained rows' request keeps it
     fewer = quality.parse_args(["recipes/demo.yaml", "--steps", "1", "--draws", "1"])
     assert "draws" in quality.request_mismatch(record, quality.floor_request(fewer, ["train.seed=0"]))
+
+
+def test_the_fine_tunes_augmentation_is_part_of_what_a_record_answers():
+    """--finetune-augment is compared like the fine-tune epochs; a record from before the key
+    fine-tuned on flips; without a fine-tune it is not asked; floors never carry it."""
+    flips = quality.parse_args(["recipes/demo.yaml", "--steps", "1", "--finetune-epochs", "3"])
+    views = quality.parse_args(["recipes/demo.yaml", "--steps", "1", "--finetune-epochs", "3",
+                                "--finetune-augment", "recipe"])
+    old = {"knn": 0.8, "request": {"finetune_epochs": 3}}  # made before the key existed
+    assert quality.request_mismatch(old, quality.eval_request(flips)) is None
+    assert "finetune_augment 'flip'" in quality.request_mismatch(old, quality.eval_request(views))
+    assert quality.legacy_request({"knn": 0.8, "finetune_epochs": 3})["finetune_augment"] == "flip"
+    made = {"knn": 0.8, "request": quality.eval_request(views)}
+    assert quality.request_mismatch(made, quality.eval_request(views)) is None
+    no_ft = quality.parse_args(["recipes/demo.yaml", "--steps", "1", "--finetune-augment", "recipe"])
+    assert quality.request_mismatch(old, quality.eval_request(no_ft)) is None
+    assert "finetune_augment" not in quality.floor_request(views, [])
+
+
+def test_finetune_encoder_recipe_augment_trains_on_the_recipes_views(monkeypatch):
+    import scott.eval.finetune as ft
+    from scott.eval.supervised import AugmentedLabels
+    from scott.models import build_encoder
+
+    recipe = load_recipe(ROOT / "recipes" / "demo.yaml", TINY_SETS)
+    seen = []
+
+    def fake(model, fit, val, test, **kw):
+        seen.append((fit, val))
+        return {"test": {"top1": 0.5}, "val": {"top1": 0.6}}
+
+    monkeypatch.setattr(ft, "finetune", fake)
+    for augment in ("recipe", "flip"):
+        out = quality.finetune_encoder(build_encoder(recipe["model"]), recipe, 2, 0, augment)
+        assert out["finetune_augment"] == augment and out["finetune_epochs"] == 2
+    (views, val), (flips, _) = seen
+    assert isinstance(views, AugmentedLabels) and isinstance(flips, ft.FlipView)
+    assert len(views) == len(flips) and len(views) + len(val) == 5000
+    assert views[0][0].shape == val[0][0].shape and not torch.equal(views[3][0], views[3][0])
