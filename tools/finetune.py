@@ -7,7 +7,8 @@
 
 A validation split is carved from the labelled train split (data.val_fraction, stratified,
 seeded); the model trains on the rest, the epoch with the best validation top-1 is kept, and the
-test split is evaluated once with it (``--val-only``: never; for choosing the settings). The model is scott's timm model (``ScottViT``, what
+test split is evaluated once with it (``--val-only``: never; for choosing the settings). The
+model is scott's timm model (``ScottViT``, what
 ``timm.create_model("scott_vit_small", pretrained=True, pretrained_cfg_overlay=dict(file=...))``
 builds), pooled as the recipe's ``model.global_pool`` (``flat`` in the CPU recipes: the head sees
 every token in its place, as the probes do) unless ``--pool`` says otherwise; timm's own training
@@ -108,7 +109,8 @@ def main(argv=None):
     # The timm model (timm.create_model("scott_vit_*") builds the same class), pooled as --pool says.
     with seeded_init(args.seed):  # the head's init depends on --seed alone
         model = ScottViT.from_encoder(encoder, num_classes, global_pool=args.pool)
-    result = finetune(model, fit, val, None if test is None else view(test), epochs=args.epochs, lr=args.lr, min_lr=args.min_lr,
+    result = finetune(model, fit, val, None if test is None else view(test), epochs=args.epochs,
+                      lr=args.lr, min_lr=args.min_lr,
                       warmup_epochs=args.warmup_epochs, batch_size=args.batch_size,
                       weight_decay=args.weight_decay, layer_decay=args.layer_decay,
                       label_smoothing=args.label_smoothing, seed=args.seed, accelerator=acc,
