@@ -374,11 +374,10 @@ def finetune_encoder(encoder, recipe: dict, epochs: int, seed: int, augment: str
     """Fine-tune ``encoder`` on the fit part; ``augment`` "recipe" trains on the recipe's
     pretraining views (``AugmentedLabels``, as the supervised row), "flip" on flipped images."""
     from scott.data.datasets import split_train_val
-    from scott.data.transforms import build_pretrain_transform
     from scott.eval.features import EvalView, encoder_in_chans, resolve_transform
-    from scott.eval.finetune import FinetuneClassifier, FlipView, finetune, seeded_init
+    from scott.eval.finetune import FinetuneClassifier, finetune, seeded_init
     from scott.eval.runs import dataset_labels, eval_datasets
-    from scott.eval.supervised import AugmentedLabels
+    from scott.eval.supervised import training_views
 
     train, test = eval_datasets(recipe)
     labels = dataset_labels(train)
@@ -386,9 +385,7 @@ def finetune_encoder(encoder, recipe: dict, epochs: int, seed: int, augment: str
     fn, convert = resolve_transform(encoder, None)
     chans = encoder_in_chans(encoder)
     view = lambda ds: EvalView(ds, fn, chans, convert)  # noqa: E731
-    fit_part = torch.utils.data.Subset(train, fit_idx.tolist())
-    fit = (AugmentedLabels(fit_part, build_pretrain_transform(recipe), seed) if augment == "recipe"
-           else FlipView(view(fit_part)))
+    fit = training_views(torch.utils.data.Subset(train, fit_idx.tolist()), recipe, view, augment, seed)
     val = view(torch.utils.data.Subset(train, val_idx.tolist()))
     with seeded_init(seed):
         model = FinetuneClassifier(encoder.train(), int(labels.max()) + 1)

@@ -317,3 +317,6 @@ def test_finetune_encoder_recipe_augment_trains_on_the_recipes_views(monkeypatch
     assert isinstance(views, AugmentedLabels) and isinstance(flips, ft.FlipView)
     assert len(views) == len(flips) and len(views) + len(val) == 5000
     assert views[0][0].shape == val[0][0].shape and not torch.equal(views[3][0], views[3][0])
+    from scott.eval.supervised import training_views
+    with pytest.raises(ValueError, match="augment"):
+        training_views(views.dataset, recipe, lambda ds: ds, "crops")

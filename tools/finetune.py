@@ -26,14 +26,13 @@ from rich.console import Console  # noqa: E402
 from scott.cli import run_cli  # noqa: E402
 from scott.config import RecipeError  # noqa: E402
 from scott.data.datasets import split_train_val  # noqa: E402
-from scott.data.transforms import build_pretrain_transform  # noqa: E402
 from scott.eval.features import EvalView, encoder_in_chans, resolve_transform  # noqa: E402
-from scott.eval.finetune import FlipView, finetune, seeded_init  # noqa: E402
+from scott.eval.finetune import finetune, seeded_init  # noqa: E402
 from scott.eval.runs import (  # noqa: E402
     add_source_args, command_line, dataset_labels, default_json_path, eval_bank, eval_datasets, limit_dataset,
     result_record, source_from_args, write_json,
 )
-from scott.eval.supervised import AugmentedLabels  # noqa: E402
+from scott.eval.supervised import training_views  # noqa: E402
 from scott.models.encoder import GLOBAL_POOLS  # noqa: E402
 from scott.models.timm_family import ScottViT  # noqa: E402
 
@@ -98,12 +97,8 @@ def main(argv=None):
 
     import torch
 
-    if args.augment == "recipe":
-        fit = AugmentedLabels(torch.utils.data.Subset(train, fit_idx.tolist()),
-                              build_pretrain_transform(source.recipe), args.seed)
-    else:
-        fit = view(torch.utils.data.Subset(train, fit_idx.tolist()))
-        fit = fit if args.no_flip else FlipView(fit)
+    fit = training_views(torch.utils.data.Subset(train, fit_idx.tolist()), source.recipe, view,
+                         args.augment, args.seed, flip=not args.no_flip)
     val = view(torch.utils.data.Subset(train, val_idx.tolist()))
     num_classes = int(dataset_labels(train).max()) + 1
     # The timm model (timm.create_model("scott_vit_*") builds the same class), pooled as --pool says.

@@ -7,6 +7,8 @@ on the carved validation split, test evaluated once (``scott.eval.finetune.finet
 
 Public API:
     AugmentedLabels(dataset, two_view_transform, seed)   (augmented view, label), new draw per visit
+    training_views(fit, recipe, view, augment, seed)     a fine-tune's training set: the recipe's
+                                                         views or flipped evaluation views
     supervised_from_scratch(recipe, fit, val, test, epochs, ...) -> finetune result dict
     seconds_per_step(model, batch, ...)                  timing used to fit an epoch count to a budget
 """
@@ -18,10 +20,10 @@ import torch
 import torch.nn as nn
 
 from scott.data.transforms import build_pretrain_transform, view_seed
-from scott.eval.finetune import FinetuneClassifier, finetune, seeded_init
+from scott.eval.finetune import FinetuneClassifier, FlipView, finetune, seeded_init
 from scott.optim_groups import adamw
 
-__all__ = ["AugmentedLabels", "supervised_from_scratch", "seconds_per_step", "build_classifier"]
+__all__ = ["AugmentedLabels", "training_views", "supervised_from_scratch", "seconds_per_step", "build_classifier"]
 
 
 class AugmentedLabels(torch.utils.data.Dataset):
@@ -43,6 +45,18 @@ class AugmentedLabels(torch.utils.data.Dataset):
         g = torch.Generator().manual_seed(view_seed(self.seed, visit, index))
         context = self.transform(image, g)[0]  # the context view: the recipe's augmentation
         return context, int(label)
+
+
+def training_views(fit, recipe: dict, view, augment: str = "flip", seed: int = 0, flip: bool = True):
+    """The training set of a fine-tune on ``fit`` (labelled PIL items): ``augment`` "recipe" is
+    the recipe's pretraining views (:class:`AugmentedLabels`, what the supervised row trains on);
+    "flip" is ``view(fit)`` (the evaluation transform) with random horizontal flips unless
+    ``flip`` is False."""
+    if augment == "recipe":
+        return AugmentedLabels(fit, build_pretrain_transform(recipe), seed)
+    if augment != "flip":
+        raise ValueError(f"augment must be 'flip' or 'recipe', got {augment!r}")
+    return FlipView(view(fit)) if flip else view(fit)
 
 
 def build_classifier(recipe: dict, num_classes: int, seed: int) -> FinetuneClassifier:
