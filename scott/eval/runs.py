@@ -233,34 +233,34 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 # ----------------------------------------------------------------------------- data
+def _evaluation_data(recipe: dict, build, in_chans: int | None):
+    """``build(data_cfg, data.eval_split, train.seed, in_chans=...)`` with data errors as one
+    RecipeError naming the dataset."""
+    from scott.config import RecipeError
+    from scott.data.datasets import DatasetError
+
+    data_cfg = recipe["data"]
+    try:
+        return build(data_cfg, data_cfg["eval_split"], int(recipe["train"]["seed"]), in_chans=in_chans)
+    except (DatasetError, FileNotFoundError) as exc:
+        raise RecipeError(f"data {data_cfg['name']!r}: {exc}") from None
+
+
 def eval_datasets(recipe: dict, in_chans: int | None = None):
     """(labelled bank, queries) for ``data.eval_split``, by the one rule of
     :func:`scott.data.eval_splits.bank_and_queries` (``test``: trainval vs test; ``val``: never a
     query image in the bank; a carve-out uses ``train.seed``)."""
-    from scott.config import RecipeError
-    from scott.data.datasets import DatasetError
     from scott.data.eval_splits import bank_and_queries
 
-    data_cfg = recipe["data"]
-    try:
-        return bank_and_queries(data_cfg, data_cfg["eval_split"], int(recipe["train"]["seed"]),
-                                in_chans=in_chans)
-    except (DatasetError, FileNotFoundError) as exc:
-        raise RecipeError(f"data {data_cfg['name']!r}: {exc}") from None
+    return _evaluation_data(recipe, bank_and_queries, in_chans)
 
 
 def eval_bank(recipe: dict, in_chans: int | None = None):
     """The labelled bank of :func:`eval_datasets` alone: the queries' split (the test split for
     ``data.eval_split: test``) is never built or read."""
-    from scott.config import RecipeError
-    from scott.data.datasets import DatasetError
     from scott.data.eval_splits import bank_only
 
-    data_cfg = recipe["data"]
-    try:
-        return bank_only(data_cfg, data_cfg["eval_split"], int(recipe["train"]["seed"]), in_chans=in_chans)
-    except (DatasetError, FileNotFoundError) as exc:
-        raise RecipeError(f"data {data_cfg['name']!r}: {exc}") from None
+    return _evaluation_data(recipe, bank_only, in_chans)
 
 
 def limit_dataset(dataset, limit: int | None, seed: int):
