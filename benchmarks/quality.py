@@ -176,7 +176,6 @@ def legacy_request(record: dict) -> dict:
         made["supervised_epochs"] = record.get("finetune_epochs") if record.get("budget_s") is None else None
     elif "knn" in record:  # an evaluation record: fine-tuned only if it says so
         made["finetune_epochs"] = record.get("finetune_epochs", 0)
-        made["finetune_augment"] = record.get("finetune_augment", "flip")
     counts = sorted(int(k[6:]) for k in record if k.startswith("labels") and k[6:].isdigit())
     if counts or "knn" in record or record.get("row") == "supervised":
         made["label_counts"] = counts

@@ -145,11 +145,9 @@ def finetune(
     test_loader = (None if test is None else
                    torch.utils.data.DataLoader(test, batch_size=batch_size, num_workers=num_workers))
     optimizer = adamw(param_groups(model, weight_decay, layer_decay), lr=lr)
-    if test_loader is None:
-        model, optimizer, fit_loader, val_loader = acc.prepare(model, optimizer, fit_loader, val_loader)
-    else:
-        model, optimizer, fit_loader, val_loader, test_loader = acc.prepare(
-            model, optimizer, fit_loader, val_loader, test_loader)
+    model, optimizer, fit_loader, val_loader, *tests = acc.prepare(
+        model, optimizer, fit_loader, val_loader, *([] if test_loader is None else [test_loader]))
+    test_loader = tests[0] if tests else None
     steps_per_epoch = len(fit_loader)
     total, warmup = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
