@@ -75,6 +75,47 @@ def test_eval_knn_json_record(run_dir, tmp_path):
     assert 0.0 <= rec["k"]["500"]["top1"] <= rec["k"]["500"]["top5"] <= 1.0
 
 
+def test_eval_knn_val_only_scores_the_carved_validation_split(tmp_path, monkeypatch):
+    """--val-only: queries are the stratified carve-out (data.val_fraction, --seed) of the bank the
+    probes and fine-tuning choose on, the bank is the rest, and the test split is never built."""
+    import numpy as np
+
+    import scott.eval.runs as runs
+    from scott.data.datasets import split_train_val
+    from scott.eval.features import extract_features
+
+    knn = load_tool("eval_knn")
+    recipe = load_recipe(ROOT / "recipes" / "demo.yaml")
+    bank = runs.limit_dataset(runs.eval_bank(recipe), 200, 2)
+    labels = np.array([int(y) for _, y in bank])
+    fit_idx, val_idx = split_train_val(labels, 0.25, 2)
+    encoder = runs.pixel_source("demo").encoder
+
+    def no_test(*a, **kw):
+        raise AssertionError("--val-only built the test split")
+
+    monkeypatch.setattr(runs, "eval_datasets", no_test)
+    monkeypatch.setattr(knn, "eval_datasets", no_test)
+    out = tmp_path / "val.json"
+    assert exit_code(knn, ["--pixels", "demo", "--val-only", "--val-fraction", "0.25", "--limit-train", "200",
+                           "--seed", "2", "--k", "5", "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["val_only"] is True and rec["queries"] == "val"
+    assert (rec["n_train"], rec["n_test"]) == (len(fit_idx), len(val_idx)) and len(fit_idx) + len(val_idx) == 200
+    fb, _ = extract_features(encoder, torch.utils.data.Subset(bank, fit_idx.tolist()), progress=False)
+    fq, _ = extract_features(encoder, torch.utils.data.Subset(bank, val_idx.tolist()), progress=False)
+    fb, fq = fb / fb.norm(dim=1, keepdim=True), fq / fq.norm(dim=1, keepdim=True)
+    correct = 0
+    for q, y in zip(fq, labels[val_idx]):
+        sims = fb @ q
+        top = sims.argsort(descending=True)[:5]
+        votes = torch.zeros(10).index_add_(0, torch.as_tensor(labels[fit_idx])[top], (sims[top] / 0.07).exp())
+        correct += int(votes.argmax() == int(y))
+    assert rec["k"]["5"]["top1"] == pytest.approx(correct / len(val_idx))
+    assert exit_code(knn, ["--pixels", "demo", "--val-fraction", "0.25"]) == 2  # needs --val-only
+    assert exit_code(knn, ["--pixels", "demo", "--val-only", "--val-fraction", "1.5"]) == 2
+
+
 def test_pixels_baseline_beats_chance(tmp_path):
     knn = load_tool("eval_knn")
     out = tmp_path / "pix.json"

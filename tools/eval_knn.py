@@ -9,6 +9,10 @@
 Memory bank: the labelled train split (``trainval``) of the recipe's dataset; queries: its
 ``data.eval_split`` (test). Patch tokens pooled as the encoder's ``model.global_pool`` (``--pool``),
 L2-normalised, cosine, exp(s/T) votes.
+
+``--val-only`` scores the validation split the probes and ``tools/finetune.py`` choose on
+instead (``data.val_fraction`` of the labelled bank, stratified, carved with ``--seed``; the
+rest is the bank) and never builds the test split: for choosing settings.
 """
 
 import argparse
@@ -23,7 +27,8 @@ from rich.table import Table  # noqa: E402
 from scott.cli import run_cli  # noqa: E402
 from scott.eval.knn import knn_classify_many  # noqa: E402
 from scott.eval.runs import (  # noqa: E402
-    add_pool_arg, add_source_args, command_line, default_json_path, eval_datasets, features_for, limit_dataset,
+    add_pool_arg, add_source_args, carve_validation_queries, command_line, default_json_path, eval_bank, eval_datasets,
+    features_for, limit_dataset,
     resolve_device, resolve_pool, result_record, source_from_args, write_json,
 )
 
@@ -35,6 +40,11 @@ def parse_args(argv=None):
     parser.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200], help="neighbour counts")
     parser.add_argument("--temperature", type=float, default=0.07, help="vote temperature T [0.07]")
     parser.add_argument("--cache-dir", default=None, help="feature cache folder (default: none)")
+    parser.add_argument("--val-only", action="store_true",
+                        help="queries: the validation split carved from the bank (with --seed); the test split "
+                             "is never built (for choosing settings)")
+    parser.add_argument("--val-fraction", type=float, default=None,
+                        help="with --val-only: the carved share (default: the recipe's data.val_fraction)")
     return parser.parse_args(argv)
 
 
@@ -44,21 +54,31 @@ def main(argv=None):
     if any(k < 1 for k in args.k) or args.temperature <= 0:
         console.print("[red]error:[/] --k values must be >= 1 and --temperature > 0")
         return 2
+    if args.val_fraction is not None and not (args.val_only and 0 < args.val_fraction < 1):
+        console.print("[red]error:[/] --val-fraction goes with --val-only and lies in (0, 1)")
+        return 2
     source = source_from_args(args)
     device = resolve_device(args.device)
-    train, test = eval_datasets(source.recipe)
-    train = limit_dataset(train, args.limit_train, args.seed)
-    test = limit_dataset(test, args.limit_test, args.seed)
     name = source.recipe["data"]["name"]
+    if args.val_only:
+        val_fraction = args.val_fraction or float(source.recipe["data"]["val_fraction"])
+        train, test = carve_validation_queries(limit_dataset(eval_bank(source.recipe), args.limit_train, args.seed),
+                                               val_fraction, args.seed)
+        query_tag, query_name = f"{name}-val", "val"
+    else:
+        train, test = eval_datasets(source.recipe)
+        train = limit_dataset(train, args.limit_train, args.seed)
+        query_tag, query_name = f"{name}-test", "test"
+    test = limit_dataset(test, args.limit_test, args.seed)
     pool = resolve_pool(args, source)
     xb, yb = features_for(source, train, f"{name}-trainval", pool, args.batch_size, device, args.cache_dir,
                           args.num_workers)
-    xq, yq = features_for(source, test, f"{name}-test", pool, args.batch_size, device, args.cache_dir,
+    xq, yq = features_for(source, test, query_tag, pool, args.batch_size, device, args.cache_dir,
                           args.num_workers)
     results = knn_classify_many(xb, yb, xq, yq, ks=args.k, temperature=args.temperature)
 
     table = Table(title=f"weighted kNN: {source.description}",
-                  caption=f"{name}: {len(yb)} train / {len(yq)} test, T={args.temperature}, pool {pool}")
+                  caption=f"{name}: {len(yb)} train / {len(yq)} {query_name}, T={args.temperature}, pool {pool}")
     table.add_column("k", justify="right")
     table.add_column("top-1 %", justify="right")
     table.add_column("top-5 %", justify="right")
@@ -70,7 +90,7 @@ def main(argv=None):
         "eval_knn", source, command_line(__file__, argv),
         args.seed, len(yb), len(yq),
         {"k": {str(k): {"top1": t1, "top5": t5} for k, (t1, t5) in results.items()},
-         "temperature": args.temperature, "pool": pool},
+         "temperature": args.temperature, "pool": pool, "queries": query_name, "val_only": args.val_only},
         {"limit_train": args.limit_train, "limit_test": args.limit_test},
     )
     out = args.json or default_json_path(source, "knn")

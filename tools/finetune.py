@@ -25,12 +25,11 @@ from rich.console import Console  # noqa: E402
 
 from scott.cli import run_cli  # noqa: E402
 from scott.config import RecipeError  # noqa: E402
-from scott.data.datasets import split_train_val  # noqa: E402
 from scott.eval.features import EvalView, encoder_in_chans, resolve_transform  # noqa: E402
 from scott.eval.finetune import finetune, seeded_init  # noqa: E402
 from scott.eval.runs import (  # noqa: E402
-    add_source_args, command_line, dataset_labels, default_json_path, eval_bank, eval_datasets, limit_dataset,
-    result_record, source_from_args, write_json,
+    add_source_args, carve_validation_queries, command_line, dataset_labels, default_json_path, eval_bank,
+    eval_datasets, limit_dataset, result_record, source_from_args, write_json,
 )
 from scott.eval.supervised import training_views  # noqa: E402
 from scott.models.encoder import GLOBAL_POOLS  # noqa: E402
@@ -88,18 +87,16 @@ def main(argv=None):
         test = limit_dataset(test, args.limit_test, args.seed)
     train = limit_dataset(train, args.limit_train, args.seed)
     val_fraction = args.val_fraction or float(source.recipe["data"]["val_fraction"])
-    fit_idx, val_idx = split_train_val(dataset_labels(train).numpy(), val_fraction, args.seed)
+    fit_part, val_part = carve_validation_queries(train, val_fraction, args.seed)
     transform, convert = resolve_transform(encoder, None)
     chans = encoder_in_chans(encoder)
 
     def view(ds):
         return EvalView(ds, transform, chans, convert)
 
-    import torch
-
-    fit = training_views(torch.utils.data.Subset(train, fit_idx.tolist()), source.recipe, view,
+    fit = training_views(fit_part, source.recipe, view,
                          args.augment, args.seed, flip=not args.no_flip)
-    val = view(torch.utils.data.Subset(train, val_idx.tolist()))
+    val = view(val_part)
     num_classes = int(dataset_labels(train).max()) + 1
     # The timm model (timm.create_model("scott_vit_*") builds the same class), pooled as --pool says.
     with seeded_init(args.seed):  # the head's init depends on --seed alone

@@ -32,6 +32,7 @@ __all__ = [
     "random_init_source",
     "pixel_source",
     "eval_bank",
+    "carve_validation_queries",
     "eval_datasets",
     "limit_dataset",
     "features_for",
@@ -261,6 +262,15 @@ def eval_bank(recipe: dict, in_chans: int | None = None):
     from scott.data.eval_splits import bank_only
 
     return _evaluation_data(recipe, bank_only, in_chans)
+
+
+def carve_validation_queries(bank, val_fraction: float, seed: int):
+    """(fit part, validation part) of a labelled ``bank``: the stratified, seeded carve-out of
+    :func:`scott.data.datasets.split_train_val` that the probes and fine-tuning choose on."""
+    from scott.data.datasets import split_train_val
+
+    fit, val = split_train_val(dataset_labels(bank).numpy(), val_fraction, seed)
+    return (torch.utils.data.Subset(bank, fit.tolist()), torch.utils.data.Subset(bank, val.tolist()))
 
 
 def limit_dataset(dataset, limit: int | None, seed: int):
