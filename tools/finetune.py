@@ -94,8 +94,7 @@ def main(argv=None):
     def view(ds):
         return EvalView(ds, transform, chans, convert)
 
-    fit = training_views(fit_part, source.recipe, view,
-                         args.augment, args.seed, flip=not args.no_flip)
+    fit = training_views(fit_part, source.recipe, view, args.augment, args.seed, flip=not args.no_flip)
     val = view(val_part)
     num_classes = int(dataset_labels(train).max()) + 1
     # The timm model (timm.create_model("scott_vit_*") builds the same class), pooled as --pool says.
