@@ -157,6 +157,7 @@ SCHEMA: Mapping[str, Mapping[str, Field]] = {
         "ema_start": Field("float", 0.996, low=0.0, high=1.0),
         "ema_end": Field("float", 1.0, low=0.0, high=1.0),
         "target_view": Field("choice", "jitter", choices=("same", "jitter")),
+        "target_shift": _nonneg_int(0),  # pixels: the target view is the context's, translated
         "norm_pix": Field("bool", True),
         "num_masks": _pos_int(1),
         "target_layers": _pos_int(1),
@@ -660,6 +661,11 @@ def _objective_rules(objective: Mapping, source: str) -> None:
             f"{source}: objective.dino_weight: self-distillation uses MIM-JEPA's EMA target encoder "
             f"as its teacher; objective.name {objective['name']!r} has none (set it to 0)"
         )
+    if objective["target_shift"] > 0 and objective["name"] != "mimjepa":
+        raise RecipeError(
+            f"{source}: objective.target_shift: the shift moves MIM-JEPA's target view; "
+            f"objective.name {objective['name']!r} regresses the context view's pixels (set it to 0)"
+        )
     if objective["ema_start"] > objective["ema_end"]:
         raise RecipeError(
             f"{source}: objective.ema_start: {objective['ema_start']} is larger than "
@@ -687,6 +693,11 @@ def _between_sections_rules(recipe: Mapping, source: str) -> None:
         raise RecipeError(
             f"{source}: mask.min_block: {mask['min_block']} patches is more than the "
             f"{num_patches} patches of a {model['img_size']} px image"
+        )
+    if 2 * objective["target_shift"] >= model["img_size"]:
+        raise RecipeError(
+            f"{source}: objective.target_shift: {objective['target_shift']} px must be less than "
+            f"half the model.img_size of {model['img_size']} px"
         )
     if objective["target_layers"] > 1 and objective["target_layers"] > model["depth"]:
         raise RecipeError(

@@ -202,6 +202,9 @@ def test_out_of_range(tmp_path, text, key, fragment):
         ("model:\n  tokenizer: patchify\n  img_size: 32\n  patch_size: 16\n", "mask.min_block", "4 patches"),
         ("objective:\n  ema_start: 1.0\n  ema_end: 0.99\n", "objective.ema_start", "larger"),
         ("optim:\n  batch_size: 10\n  accum_steps: 3\n", "optim.batch_size", "accum_steps"),
+        ("model:\n  img_size: 28\n  patch_size: 4\n  tokenizer: patchify\nobjective:\n  target_shift: 14\n", "objective.target_shift", "half"),
+        ("objective:\n  name: pixel\n  target_shift: 2\n", "objective.target_shift", "pixel"),
+        ("objective:\n  target_shift: -1\n", "objective.target_shift", "must be >= 0"),
     ],
 )
 def test_cross_field_checks(tmp_path, text, key, fragment):

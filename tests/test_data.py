@@ -27,6 +27,7 @@ from scott.data.transforms import (
     eval_transform,
     eval_transform_spec,
     transform_from_spec,
+    translate_replicate,
 )
 
 
@@ -254,11 +255,11 @@ def test_build_pretrain_dataset_transductive_demo():
 # --- transforms ------------------------------------------------------------------------------
 
 
-def pretrain_ds(img_size=32, in_chans=3, augment="paper", target_view="jitter", seed=0):
+def pretrain_ds(img_size=32, in_chans=3, augment="paper", target_view="jitter", seed=0, target_shift=0):
     recipe = default_recipe()  # a plain dict of the defaults
     recipe["model"].update(img_size=img_size, in_chans=in_chans)
     recipe["data"].update(augment=augment)
-    recipe["objective"].update(target_view=target_view)
+    recipe["objective"].update(target_view=target_view, target_shift=target_shift)
     return PretrainDataset(build_dataset(recipe["data"], "train"), build_pretrain_transform(recipe), seed)
 
 
@@ -292,6 +293,37 @@ def test_target_view_jitter_vs_same():
     # same geometry in both views: the light transform gives identical views too
     light = pretrain_ds(augment="light")
     assert all(torch.equal(*light[i]) for i in range(5))
+
+
+def test_translate_replicate_moves_content_and_clamps_at_the_edges():
+    x = torch.arange(2 * 4 * 5, dtype=torch.float32).reshape(2, 4, 5)
+    for dy, dx in [(0, 0), (1, -2), (-3, 4), (2, 2)]:
+        y = translate_replicate(x, dy, dx)
+        expected = torch.empty_like(x)
+        for i in range(4):
+            for j in range(5):
+                expected[:, i, j] = x[:, min(max(i + dy, 0), 3), min(max(j + dx, 0), 4)]
+        assert torch.equal(y, expected)
+    assert translate_replicate(x, 0, 0) is not x
+
+
+def test_target_shift_translates_the_target_view_only():
+    plain, shifted = pretrain_ds(target_view="same"), pretrain_ds(target_view="same", target_shift=3)
+    offsets = set()
+    for i in range(30):
+        ctx, tgt = shifted[(0, i)]
+        assert torch.equal(ctx, plain[(0, i)][0])  # the context view is what it was without the shift
+        found = [(dy, dx) for dy in range(-3, 4) for dx in range(-3, 4)
+                 if torch.allclose(translate_replicate(ctx, dy, dx), tgt, atol=1e-6)]
+        assert found, "the target view is a translation of the context view by at most 3 px"
+        offsets.add(found[0])
+    assert len(offsets) >= 10  # offsets are drawn, not fixed
+    assert max(max(abs(dy), abs(dx)) for dy, dx in offsets) <= 3
+    # reproducible from (seed, epoch, index)
+    again = pretrain_ds(target_view="same", target_shift=3)
+    assert all(torch.equal(shifted[(2, i)][1], again[(2, i)][1]) for i in range(5))
+    with pytest.raises(ValueError, match="target_shift"):
+        TwoViewTransform(16, 1, target_shift=8)
 
 
 def test_grey_28px_colour_ops_work_in_1_and_3_channels():

@@ -18,7 +18,11 @@ Pretraining (``data.augment``):
 * ``none``: the evaluation geometry (resize + center crop) only.
 
 With ``objective.target_view: jitter`` the target view's colour block is drawn independently
-of the context view's; with ``same`` the two views are identical. Colour operations work on 1-
+of the context view's; with ``same`` the two views are identical. With ``objective.target_shift:
+s`` (pixels, default 0) the target view is then translated by an offset drawn uniformly from
+{-s..s} x {-s..s}, edges replicated (:func:`translate_replicate`): the target tokens at a grid
+position describe content up to s pixels away, which asks the context encoder for features that
+tolerate small displacements. Colour operations work on 1-
 and 3-channel images (saturation, hue and grayscale leave 1-channel images unchanged).
 """
 
@@ -46,6 +50,7 @@ __all__ = [
     "eval_transform",
     "eval_transform_spec",
     "norm_stats",
+    "translate_replicate",
     "transform_from_spec",
     "view_seed",
 ]
@@ -188,7 +193,8 @@ class TwoViewTransform:
     """
 
     def __init__(self, img_size: int, in_chans: int, crop_scale=(0.2, 1.0), augment: str = "paper",
-                 target_view: str = "jitter", mean=None, std=None, extra_view: bool = False):
+                 target_view: str = "jitter", mean=None, std=None, extra_view: bool = False,
+                 target_shift: int = 0):
         if augment not in ("paper", "light", "none"):
             raise ValueError(f"augment must be paper, light or none, got {augment!r}")
         if target_view not in ("same", "jitter"):
@@ -197,6 +203,9 @@ class TwoViewTransform:
         self.img_size, self.in_chans = int(img_size), int(in_chans)
         self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
         self.augment, self.target_view = augment, target_view
+        self.target_shift = int(target_shift)
+        if not 0 <= 2 * self.target_shift < self.img_size:
+            raise ValueError(f"target_shift must be in [0, img_size / 2), got {target_shift}")
         self.extra_view = bool(extra_view)  # a third view: its own crop, flip and colours
         self.blur_kernel = min(_BLUR_KERNEL, self.img_size if self.img_size % 2 else self.img_size - 1)
         self._blur_cache: dict = {}  # the blur's reflect-tap matrices per side length
@@ -239,6 +248,10 @@ class TwoViewTransform:
         else:
             context = self._colour(base.clone(), g)
             target = self._colour(base.clone(), g) if self.target_view == "jitter" else context
+        if self.target_shift:  # drawn after the colours, so the views without it are unchanged
+            s = self.target_shift
+            dy, dx = _randint(g, 2 * s + 1) - s, _randint(g, 2 * s + 1) - s
+            target = translate_replicate(target, dy, dx)
         normalize = lambda t: t.sub(self._mean).div_(self._std)  # noqa: E731  (TF.normalize's arithmetic)
         context = normalize(context)
         views = (context, normalize(target) if target is not context else context.clone())
@@ -249,7 +262,7 @@ class TwoViewTransform:
 
     def __repr__(self) -> str:
         return (f"TwoViewTransform(img_size={self.img_size}, in_chans={self.in_chans}, crop_scale={self.crop_scale}, "
-                f"augment={self.augment!r}, target_view={self.target_view!r})")
+                f"augment={self.augment!r}, target_view={self.target_view!r}, target_shift={self.target_shift})")
 
 
 def build_pretrain_transform(recipe: dict) -> TwoViewTransform:
@@ -259,8 +272,17 @@ def build_pretrain_transform(recipe: dict) -> TwoViewTransform:
     return TwoViewTransform(
         model["img_size"], model["in_chans"], recipe["data"]["crop_scale"], recipe["data"]["augment"],
         recipe["objective"]["target_view"], spec["mean"], spec["std"],
-        extra_view=needs_extra_view(recipe["objective"]),
+        extra_view=needs_extra_view(recipe["objective"]), target_shift=recipe["objective"]["target_shift"],
     )
+
+
+def translate_replicate(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """``[C, H, W]`` image whose pixel (i, j) is ``x``'s (i + dy, j + dx), coordinates clamped
+    to the image (edges replicated). A new tensor; ``(0, 0)`` gives a copy."""
+    _, h, w = x.shape
+    rows = (torch.arange(h) + dy).clamp_(0, h - 1)
+    cols = (torch.arange(w) + dx).clamp_(0, w - 1)
+    return x[:, rows][:, :, cols]
 
 
 def needs_extra_view(objective: dict) -> bool:
