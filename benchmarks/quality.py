@@ -37,7 +37,8 @@ order, masks) of every trained row; floors use them too (random init draws new w
 
 Output: a rich table, ``OUT/quality.json`` (command, recipe, CPU, every number) and
 ``OUT/quality.png`` (bars with seed spread). Finished rows are kept: rerunning the same command
-continues where it stopped; ``--report-only`` tabulates what is finished without training. A
+continues where it stopped; ``--report-only`` tabulates what is finished without training;
+``--first-seed S`` runs seeds S.. in a second process on the same ``--out`` (its own core, or machine). A
 finished record remembers what it was made for (overrides, steps or budget, label counts, draws,
 fine-tune epochs, the supervised row's epochs); a command that asks for something else stops with
 exit 2 naming the record, rather than tabulating numbers of another setting (``--report-only``
@@ -92,6 +93,9 @@ def parse_args(argv=None):
     budget.add_argument("--budget-minutes", type=float, help="pretraining wall-clock budget of every row")
     budget.add_argument("--steps", type=int, help="fixed pretraining steps of every row instead of a budget")
     p.add_argument("--seeds", type=int, default=1, help="seeds per row [1]")
+    p.add_argument("--first-seed", type=int, default=0, metavar="S",
+                   help="seeds S .. S+N-1 instead of 0 .. N-1 (run one table's seeds in parallel processes "
+                        "on the same --out, then --report-only with --seeds N tabulates them all) [0]")
     p.add_argument("--row-seeds", action="append", default=[], metavar="ROW:N",
                    help="seeds for one row instead of --seeds (e.g. pixel:1)")
     p.add_argument("--rows", nargs="+", default=ALL_ROWS, choices=ALL_ROWS)
@@ -608,10 +612,10 @@ def main(argv=None):
     console = Console(width=max(150, Console().width))
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.seeds < 1 or args.draws < 1 or (args.steps is not None and args.steps < 1) or \
+    if args.seeds < 1 or args.first_seed < 0 or args.draws < 1 or (args.steps is not None and args.steps < 1) or \
             (args.budget_minutes is not None and args.budget_minutes <= 0) or \
             (args.supervised_epochs is not None and args.supervised_epochs < 1):
-        raise RecipeError("need --seeds >= 1, --draws >= 1, a positive --steps or --budget-minutes "
+        raise RecipeError("need --seeds >= 1, --first-seed >= 0, --draws >= 1, a positive --steps or --budget-minutes "
                           "and --supervised-epochs >= 1 when given")
     base = load_recipe(args.recipe, row_overrides(args, "ours", 0))  # fails early, one line, exit 2
     args.encoder = args.encoder or base["train"]["export_encoder"]  # the encoder the recipe exports
@@ -623,7 +627,7 @@ def main(argv=None):
     rows: dict[str, list[dict]] = {}
     ours_budget = finished_ours_budgets(out, args.encoder)  # row "ours" of an earlier or parallel invocation
     for row in [r for r in ALL_ROWS if r in args.rows]:
-        for seed in range(seeds_of(args, row)):
+        for seed in range(args.first_seed, args.first_seed + seeds_of(args, row)):
             record_name = eval_record_name(args.encoder) if row in PRETRAIN_ROWS else "eval_record.json"
             if args.report_only and not (out / row / f"seed{seed}" / record_name).is_file():
                 continue

@@ -191,6 +191,33 @@ def test_report_only_tabulates_finished_rows_without_training(tmp_path):
     assert not (out / "ours").exists()  # nothing was trained
 
 
+def test_first_seed_runs_later_seeds_that_a_report_then_joins(tmp_path):
+    out = tmp_path / "q"
+    base = [sys.executable, str(ROOT / "benchmarks/quality.py"), str(ROOT / "recipes/demo.yaml"), "--steps", "1",
+            "--subset", "60", "--rows", "random_init", "--label-counts", "2", "--draws", "1",
+            "--linear-lrs", "0.1", "--linear-epochs", "2", "--out", str(out)] + sum((["--set", s] for s in TINY_SETS), [])
+    env = {"OMP_NUM_THREADS": "1", "PATH": ""}
+
+    def run(*extra):
+        return subprocess.run(base + list(extra), capture_output=True, text=True, timeout=300, env=env)
+
+    later = run("--first-seed", "1")  # a second process's share of a 2-seed table
+    assert later.returncode == 0, later.stderr[-2000:]
+    assert (out / "random_init" / "seed1" / "eval_record.json").is_file()
+    assert not (out / "random_init" / "seed0").exists()
+    seed1 = json.loads((out / "quality.json").read_text())["rows"]["random_init"]
+    assert [r["seed"] for r in seed1] == [1]
+    assert run().returncode == 0  # the first process: seed 0
+    report = run("--seeds", "2", "--report-only")
+    assert report.returncode == 0, report.stderr[-2000:]
+    record = json.loads((out / "quality.json").read_text())
+    assert record["seeds"] == {"random_init": 2}
+    assert [r["seed"] for r in record["rows"]["random_init"]] == [0, 1]
+    assert record["rows"]["random_init"][1]["knn"] == seed1[0]["knn"]  # read back, not recomputed
+    bad = run("--first-seed", "-1")
+    assert bad.returncode == 2 and "--first-seed" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_minutes_to_knn_sums_the_steps_own_times_until_the_first_hit():
     records = [{"step": 1, "images_per_s": 32.0}, {"step": 2, "images_per_s": 16.0, "knn_top1": 0.80},
                {"step": 3, "images_per_s": 32.0}, {"step": 4, "images_per_s": 8.0, "knn_top1": 0.86},
