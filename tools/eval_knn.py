@@ -13,6 +13,10 @@ L2-normalised, cosine, exp(s/T) votes.
 ``--val-only`` scores the validation split the probes and ``tools/finetune.py`` choose on
 instead (``data.val_fraction`` of the labelled bank, stratified, carved with ``--seed``; the
 rest is the bank) and never builds the test split: for choosing settings.
+
+``--whiten D`` PCA-whitens the features to D dimensions before the cosine, fit on the bank alone
+(:mod:`scott.eval.whitening`; no labels, never the queries): every kept direction weighs the same.
+Choose D with ``--val-only`` and give every row of a comparison the same read-out.
 """
 
 import argparse
@@ -26,6 +30,7 @@ from rich.table import Table  # noqa: E402
 
 from scott.cli import run_cli  # noqa: E402
 from scott.eval.knn import knn_classify_many  # noqa: E402
+from scott.eval.whitening import fit_whitening  # noqa: E402
 from scott.eval.runs import (  # noqa: E402
     add_pool_arg, add_source_args, carve_validation_queries, command_line, default_json_path, eval_bank, eval_datasets,
     features_for, limit_dataset,
@@ -43,6 +48,10 @@ def parse_args(argv=None):
     parser.add_argument("--val-only", action="store_true",
                         help="queries: the validation split carved from the bank (with --seed); the test split "
                              "is never built (for choosing settings)")
+    parser.add_argument("--whiten", type=int, default=0, metavar="D",
+                        help="PCA-whiten the features to D dimensions, fit on the bank only (mean, leading "
+                             "directions, unit variance; scott.eval.whitening), before the cosine; choose D with "
+                             "--val-only [0 = off]")
     parser.add_argument("--val-fraction", type=float, default=None,
                         help="with --val-only: the carved share (default: the recipe's data.val_fraction)")
     return parser.parse_args(argv)
@@ -56,6 +65,9 @@ def main(argv=None):
         return 2
     if args.val_fraction is not None and not (args.val_only and 0 < args.val_fraction < 1):
         console.print("[red]error:[/] --val-fraction goes with --val-only and lies in (0, 1)")
+        return 2
+    if args.whiten < 0:
+        console.print("[red]error:[/] --whiten D needs D >= 1 (0 = off)")
         return 2
     source = source_from_args(args)
     device = resolve_device(args.device)
@@ -75,10 +87,19 @@ def main(argv=None):
                           args.num_workers)
     xq, yq = features_for(source, test, query_tag, pool, args.batch_size, device, args.cache_dir,
                           args.num_workers)
+    if args.whiten:
+        most = min(len(yb) - 1, xb.shape[1])
+        if args.whiten > most:
+            console.print(f"[red]error:[/] --whiten {args.whiten}: {len(yb)} bank features of {xb.shape[1]} "
+                          f"dimensions span at most {most} directions")
+            return 2
+        white = fit_whitening(xb, args.whiten)  # the bank's statistics only, never the queries'
+        xb, xq = white(xb), white(xq)
     results = knn_classify_many(xb, yb, xq, yq, ks=args.k, temperature=args.temperature)
 
     table = Table(title=f"weighted kNN: {source.description}",
-                  caption=f"{name}: {len(yb)} train / {len(yq)} {query_name}, T={args.temperature}, pool {pool}")
+                  caption=f"{name}: {len(yb)} train / {len(yq)} {query_name}, T={args.temperature}, pool {pool}"
+                          + (f", whitened to {args.whiten}" if args.whiten else ""))
     table.add_column("k", justify="right")
     table.add_column("top-1 %", justify="right")
     table.add_column("top-5 %", justify="right")
@@ -90,7 +111,8 @@ def main(argv=None):
         "eval_knn", source, command_line(__file__, argv),
         args.seed, len(yb), len(yq),
         {"k": {str(k): {"top1": t1, "top5": t5} for k, (t1, t5) in results.items()},
-         "temperature": args.temperature, "pool": pool, "queries": query_name, "val_only": args.val_only},
+         "temperature": args.temperature, "pool": pool, "queries": query_name, "val_only": args.val_only,
+         "whiten": args.whiten},
         {"limit_train": args.limit_train, "limit_test": args.limit_test},
     )
     out = args.json or default_json_path(source, "knn")
