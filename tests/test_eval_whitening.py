@@ -117,3 +117,12 @@ def test_eval_knn_whiten_fits_on_the_bank_and_records_it(tmp_path):
     assert rec["k"]["5"]["top1"] != pytest.approx(plain)  # the read-out changed what kNN saw
     assert exit_code(knn, ["--pixels", "demo", "--limit-train", "30", "--whiten", "40"]) == 2  # > 29 directions
     assert exit_code(knn, ["--pixels", "demo", "--whiten", "-1"]) == 2
+
+
+def test_truncate_keeps_the_leading_directions_of_one_fit():
+    x = _correlated(seed=6)
+    full = fit_whitening(x, 12)
+    assert torch.allclose(full.truncate(5)(x), fit_whitening(x, 5)(x), atol=1e-4)
+    assert full.truncate(5).dim == 5
+    with pytest.raises(ValueError, match="truncate"):
+        full.truncate(13)

@@ -7,6 +7,7 @@ kept direction weighs the same in the cosine. It uses no labels::
 
     white = fit_whitening(bank_features, dim=512)
     knn_classify(white(bank_features), bank_labels, white(query_features), query_labels, k=20)
+    white.truncate(256)      # the same fit, fewer directions kept
 
 ``dim`` is the read-out's one setting: choose it on a validation split (``tools/eval_knn.py
 --val-only --whiten D``), for every row of a comparison alike.
@@ -38,6 +39,12 @@ class Whitening:
     def dim(self) -> int:
         return int(self.projection.shape[1])
 
+    def truncate(self, dim: int) -> "Whitening":
+        """The whitening to the leading ``dim`` of these directions (the same fit, fewer kept)."""
+        if not 1 <= dim <= self.dim:
+            raise ValueError(f"can truncate a {self.dim}-dim whitening to 1..{self.dim} directions, not {dim}")
+        return Whitening(self.mean, self.projection[:, :dim], self.variances[:dim])
+
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         if features.ndim != 2 or features.shape[1] != self.mean.shape[0]:
             raise ValueError(f"whitening was fit on {self.mean.shape[0]}-dim features, got {tuple(features.shape)}")
@@ -60,17 +67,16 @@ def fit_whitening(features: torch.Tensor, dim: int, eps: float = 1e-6, exact_max
     n, d = features.shape
     if not 1 <= dim <= min(n - 1, d):
         raise ValueError(f"whitening dim must be in [1, {min(n - 1, d)}] for {n} features of {d} dims, got {dim}")
-    x = features.double()
-    mean = x.mean(0)
-    centred = x - mean
+    mean = features.double().mean(0)
+    centred = features.float() - mean.float()
     if d <= exact_max_dim:
-        cov = centred.T @ centred / (n - 1)
+        cov = (centred.T @ centred).double() / (n - 1)   # float32 product, float64 eigendecomposition
         values, vectors = torch.linalg.eigh(cov)
         values, vectors = values.flip(0)[:dim], vectors.flip(1)[:, :dim]
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            _, s, v = torch.pca_lowrank(centred, q=min(dim + 10, n - 1, d), center=False, niter=4)
+            _, s, v = torch.pca_lowrank(centred.double(), q=min(dim + 10, n - 1, d), center=False, niter=4)
         values, vectors = (s[:dim] ** 2) / (n - 1), v[:, :dim]
     flip = vectors.gather(0, vectors.abs().argmax(0, keepdim=True)).sign()
     vectors = vectors * torch.where(flip == 0, torch.ones_like(flip), flip)
