@@ -122,6 +122,10 @@ def parse_args(argv=None):
     p.add_argument("--linear-epochs", type=int, nargs="+", default=None, metavar="E",
                    help="epochs of the linear probe's validation grid [tools/eval_linear.py's]; on 60,000 "
                         "images 10-30 epochs are as many updates as 100-300 on the demo's 4,500")
+    p.add_argument("--whiten-dims", type=int, nargs="+", default=None, metavar="D",
+                   help="add the column kNN@20 of PCA-whitened features (fit on the bank, never the test "
+                        "split), its dim chosen per row among these on the validation split carved from train "
+                        "(scott.eval.whitening.whitened_knn) [off]")
     p.add_argument("--monitor-every", type=int, default=0, metavar="EPOCHS",
                    help="kNN monitor on the validation split every EPOCHS epochs of each pretraining row, "
                         "for the time-to-accuracy column [0 = off]")
@@ -190,7 +194,7 @@ def legacy_request(record: dict) -> dict:
 
 
 # what a record made before a request key existed was made with
-REQUEST_DEFAULTS = {"finetune_augment": "flip"}
+REQUEST_DEFAULTS = {"finetune_augment": "flip", "whiten_dims": None}
 
 
 def request_mismatch(record: dict, request: dict) -> str | None:
@@ -240,6 +244,7 @@ def pretrain_request(args, row: str, seed: int) -> dict:
 
 def eval_request(args) -> dict:
     return {"label_counts": sorted(args.label_counts), "draws": args.draws,
+            "whiten_dims": sorted(set(args.whiten_dims)) if args.whiten_dims else None,
             "linear_grid": linear_grid_of(args) or "default", "finetune_epochs": args.finetune_epochs,
             "finetune_augment": args.finetune_augment}
 
@@ -364,6 +369,10 @@ def evaluate_features(args, train, test, seed: int) -> dict:
     linear = linear_probe(train, test, seed=seed, grid=linear_grid_of(args))
     out = {"knn": knn, "linear": linear.test["top1"], "linear_best": linear.best,
            "linear_val": linear.val["top1"], "n_train": len(train), "n_test": len(test)}
+    if args.whiten_dims:
+        from scott.eval.whitening import whitened_knn
+
+        out.update(whitened_knn(train, test, args.whiten_dims, k=KNN_K, seed=seed))
     for count in args.label_counts:
         few = few_label_probe(train, test, count, draws=args.draws, seed=seed)
         out[f"labels{count}"] = few["test_top1_mean"]
@@ -498,16 +507,17 @@ def evaluate_supervised(args, seed: int, budget_s: float, out: Path, log) -> dic
 
 
 # ----------------------------------------------------------------------------- report
-def columns(label_counts) -> list[tuple[str, str]]:
+def columns(label_counts, whiten: bool = False) -> list[tuple[str, str]]:
     """(record key, header) of the table's columns."""
-    return ([("knn", f"kNN@{KNN_K}"), ("linear", "linear")]
+    return ([("knn", f"kNN@{KNN_K}")] + ([("knn_white", f"kNN@{KNN_K} whitened")] if whiten else [])
+            + [("linear", "linear")]
             + [(f"labels{c}", f"{c} labels/cls") for c in label_counts]
             + [("finetune", "fine-tune"), ("minutes_to_knn", "min to kNN"), ("images_per_s", "img/s"),
                ("steps", "steps"), ("wall_s", "wall s")])
 
 
 def is_percent(key: str) -> bool:
-    return key in ("knn", "linear", "finetune") or (key.startswith("labels") and key[6:].isdigit())
+    return key in ("knn", "knn_white", "linear", "finetune") or (key.startswith("labels") and key[6:].isdigit())
 
 
 def summarise(rows: dict[str, list[dict]], cols) -> dict[str, dict]:
@@ -647,7 +657,7 @@ def main(argv=None):
                                                    if is_percent(k) and isinstance(v, float)))
     if not rows:
         raise RecipeError(f"{out}: no finished rows to report")
-    cols = columns(args.label_counts)
+    cols = columns(args.label_counts, whiten=bool(args.whiten_dims))
     summary = summarise(rows, cols)
     title = (f"{Path(args.recipe).name} [{regime_name(args)}], "
              + (f"{args.budget_minutes:g} min budget" if args.budget_minutes else f"{args.steps} steps"))

@@ -126,3 +126,32 @@ def test_truncate_keeps_the_leading_directions_of_one_fit():
     assert full.truncate(5).dim == 5
     with pytest.raises(ValueError, match="truncate"):
         full.truncate(13)
+
+
+def test_whitened_knn_chooses_the_dim_on_validation_and_reads_the_queries_once(monkeypatch):
+    """The nuisance example: the class lives in the 8th principal direction of 8, so every smaller
+    dim drops it; the chosen dim comes from the carved validation split, never from the queries."""
+    import scott.eval.whitening as whitening
+    from scott.eval.protocol import FeatureSet, carve_validation
+
+    g = torch.Generator().manual_seed(7)
+    n = 900
+    y = torch.arange(n) % 2
+    x = torch.randn(n, 8, generator=g) * 0.2
+    x[:, 0] += 2.0 * y - 1.0
+    x[:, 1:8] += 10.0 * torch.randn(n, 7, generator=g)
+    train, test = FeatureSet(x[:700], y[:700]), FeatureSet(x[700:], y[700:])
+    calls = []
+    real = knn_classify
+    monkeypatch.setattr("scott.eval.knn.knn_classify", lambda *a, **kw: calls.append(a[2].shape[0]) or real(*a, **kw))
+    res = whitening.whitened_knn(train, test, dims=[2, 4, 8, 50], k=10, seed=3)
+    fit, val = carve_validation(train, 0.1, 3)
+    assert set(res["knn_white_val"]) == {2, 4, 8}  # 50 > the 8 dims the fit part spans
+    assert res["knn_white_dim"] == 8 and res["knn_white_val"][8] > 0.95 > 0.7 > res["knn_white_val"][2]
+    assert res["knn_white"] > 0.95
+    assert calls == [len(val)] * 3 + [len(test)]  # three validation scores, then the queries once
+    white = fit_whitening(train.features, 8, seed=3)
+    assert res["knn_white"] == pytest.approx(real(white(train.features), train.labels, white(test.features),
+                                                  test.labels, k=10)[0])
+    with pytest.raises(ValueError, match="no whitening dim"):
+        whitening.whitened_knn(train, test, dims=[100])

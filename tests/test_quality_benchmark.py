@@ -218,6 +218,29 @@ def test_first_seed_runs_later_seeds_that_a_report_then_joins(tmp_path):
     assert bad.returncode == 2 and "--first-seed" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_whiten_dims_adds_a_whitened_knn_column_chosen_on_validation(tmp_path):
+    out = tmp_path / "q"
+    base = [sys.executable, str(ROOT / "benchmarks/quality.py"), str(ROOT / "recipes/demo.yaml"), "--steps", "1",
+            "--subset", "200", "--rows", "pixels", "--label-counts", "2", "--draws", "1",
+            "--linear-lrs", "0.1", "--linear-epochs", "2", "--out", str(out)] + sum((["--set", s] for s in TINY_SETS), [])
+    env = {"OMP_NUM_THREADS": "1", "PATH": ""}
+    proc = subprocess.run(base + ["--whiten-dims", "8", "32", "5000"], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "whitened" in proc.stdout
+    record = json.loads((out / "quality.json").read_text())
+    row = record["rows"]["pixels"][0]
+    assert set(row["knn_white_val"]) == {"8", "32"}  # 5000 > what 180 fit images span
+    assert row["knn_white_dim"] == max((8, 32), key=lambda d: (row["knn_white_val"][str(d)], -d))
+    assert record["summary"]["pixels"]["knn_white"] == row["knn_white"] and 0.0 <= row["knn_white"] <= 1.0
+    # a record made without the column does not answer a request for it (nor the reverse)
+    plain = subprocess.run(base + ["--out", str(tmp_path / "p")], capture_output=True, text=True, timeout=300, env=env)
+    assert plain.returncode == 0 and "whitened" not in plain.stdout
+    again = subprocess.run(base + ["--out", str(tmp_path / "p"), "--whiten-dims", "8"], capture_output=True,
+                           text=True, timeout=300, env=env)
+    assert again.returncode == 2 and "whiten_dims" in again.stderr
+
+
 def test_minutes_to_knn_sums_the_steps_own_times_until_the_first_hit():
     records = [{"step": 1, "images_per_s": 32.0}, {"step": 2, "images_per_s": 16.0, "knn_top1": 0.80},
                {"step": 3, "images_per_s": 32.0}, {"step": 4, "images_per_s": 8.0, "knn_top1": 0.86},

@@ -9,8 +9,9 @@ kept direction weighs the same in the cosine. It uses no labels::
     knn_classify(white(bank_features), bank_labels, white(query_features), query_labels, k=20)
     white.truncate(256)      # the same fit, fewer directions kept
 
-``dim`` is the read-out's one setting: choose it on a validation split (``tools/eval_knn.py
---val-only --whiten D``), for every row of a comparison alike.
+``dim`` is the read-out's one setting: :func:`whitened_knn` chooses it on a validation split
+carved from the bank and reads the queries once (``benchmarks/quality.py --whiten-dims``);
+``tools/eval_knn.py --val-only --whiten D`` scores one choice by hand.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Whitening", "fit_whitening", "EXACT_MAX_DIM"]
+__all__ = ["Whitening", "fit_whitening", "whitened_knn", "EXACT_MAX_DIM"]
 
 #: Feature sizes up to this use the exact covariance eigendecomposition (a D x D float64 matrix);
 #: larger ones a seeded randomised PCA of the centred bank (``torch.pca_lowrank``).
@@ -82,3 +83,33 @@ def fit_whitening(features: torch.Tensor, dim: int, eps: float = 1e-6, exact_max
     vectors = vectors * torch.where(flip == 0, torch.ones_like(flip), flip)
     values = values.clamp(min=float(values[0]) * eps if values[0] > 0 else eps)
     return Whitening(mean.float(), (vectors / values.sqrt()).float(), values.float())
+
+
+def whitened_knn(train, test, dims, k: int = 20, temperature: float = 0.07, val_fraction: float = 0.1,
+                 seed: int = 0) -> dict:
+    """Weighted kNN top-1 of ``test`` against ``train`` (:class:`scott.eval.protocol.FeatureSet`)
+    after PCA whitening, its ``dim`` chosen on validation: the bank is carved (stratified, seeded,
+    as the probes carve it), every candidate of ``dims`` that the fit part can span is fit on the
+    fit part and scored on the carved part, the best (the smaller on a tie) is refit on the whole
+    bank, and the queries are read once. Returns ``knn_white`` (test top-1), ``knn_white_dim`` and
+    ``knn_white_val`` ({dim: validation top-1})."""
+    from scott.eval.knn import knn_classify
+    from scott.eval.protocol import carve_validation
+
+    fit, val = carve_validation(train, val_fraction, seed)
+    span = min(len(fit) - 1, fit.features.shape[1])
+    candidates = sorted({int(d) for d in dims if 1 <= int(d) <= span})
+    if not candidates:
+        raise ValueError(f"no whitening dim in {list(dims)} fits {len(fit)} fit features of "
+                         f"{fit.features.shape[1]} dims (at most {span})")
+    largest = fit_whitening(fit.features, candidates[-1], seed=seed)
+    scores = {}
+    for d in candidates:
+        white = largest.truncate(d)
+        scores[d] = knn_classify(white(fit.features), fit.labels, white(val.features), val.labels,
+                                 k=k, temperature=temperature)[0]
+    best = max(candidates, key=lambda d: (scores[d], -d))
+    white = fit_whitening(train.features, best, seed=seed)
+    top1 = knn_classify(white(train.features), train.labels, white(test.features), test.labels,
+                        k=k, temperature=temperature)[0]
+    return {"knn_white": top1, "knn_white_dim": best, "knn_white_val": scores}
