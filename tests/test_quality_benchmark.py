@@ -191,15 +191,23 @@ def test_report_only_tabulates_finished_rows_without_training(tmp_path):
     assert not (out / "ours").exists()  # nothing was trained
 
 
+def _floor_benchmark(out, row: str, subset: int) -> list[str]:
+    """A one-row floor benchmark command on ``subset`` demo images with a one-point linear grid."""
+    return [sys.executable, str(ROOT / "benchmarks/quality.py"), str(ROOT / "recipes/demo.yaml"), "--steps", "1",
+            "--subset", str(subset), "--rows", row, "--label-counts", "2", "--draws", "1",
+            "--linear-lrs", "0.1", "--linear-epochs", "2", "--out", str(out)] + sum((["--set", s] for s in TINY_SETS), [])
+
+
+def _run_quiet(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": ""})
+
+
 def test_first_seed_runs_later_seeds_that_a_report_then_joins(tmp_path):
     out = tmp_path / "q"
-    base = [sys.executable, str(ROOT / "benchmarks/quality.py"), str(ROOT / "recipes/demo.yaml"), "--steps", "1",
-            "--subset", "60", "--rows", "random_init", "--label-counts", "2", "--draws", "1",
-            "--linear-lrs", "0.1", "--linear-epochs", "2", "--out", str(out)] + sum((["--set", s] for s in TINY_SETS), [])
-    env = {"OMP_NUM_THREADS": "1", "PATH": ""}
+    base = _floor_benchmark(out, "random_init", 60)
 
     def run(*extra):
-        return subprocess.run(base + list(extra), capture_output=True, text=True, timeout=300, env=env)
+        return _run_quiet(base + list(extra))
 
     later = run("--first-seed", "1")  # a second process's share of a 2-seed table
     assert later.returncode == 0, later.stderr[-2000:]
@@ -220,12 +228,8 @@ def test_first_seed_runs_later_seeds_that_a_report_then_joins(tmp_path):
 
 def test_whiten_dims_adds_a_whitened_knn_column_chosen_on_validation(tmp_path):
     out = tmp_path / "q"
-    base = [sys.executable, str(ROOT / "benchmarks/quality.py"), str(ROOT / "recipes/demo.yaml"), "--steps", "1",
-            "--subset", "200", "--rows", "pixels", "--label-counts", "2", "--draws", "1",
-            "--linear-lrs", "0.1", "--linear-epochs", "2", "--out", str(out)] + sum((["--set", s] for s in TINY_SETS), [])
-    env = {"OMP_NUM_THREADS": "1", "PATH": ""}
-    proc = subprocess.run(base + ["--whiten-dims", "8", "32", "5000"], capture_output=True, text=True, timeout=300,
-                          env=env)
+    base = _floor_benchmark(out, "pixels", 200)
+    proc = _run_quiet(base + ["--whiten-dims", "8", "32", "5000"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "whitened" in proc.stdout
     record = json.loads((out / "quality.json").read_text())
@@ -233,11 +237,10 @@ def test_whiten_dims_adds_a_whitened_knn_column_chosen_on_validation(tmp_path):
     assert set(row["knn_white_val"]) == {"8", "32"}  # 5000 > what 180 fit images span
     assert row["knn_white_dim"] == max((8, 32), key=lambda d: (row["knn_white_val"][str(d)], -d))
     assert record["summary"]["pixels"]["knn_white"] == row["knn_white"] and 0.0 <= row["knn_white"] <= 1.0
-    # a record made without the column does not answer a request for it (nor the reverse)
-    plain = subprocess.run(base + ["--out", str(tmp_path / "p")], capture_output=True, text=True, timeout=300, env=env)
+    # a record made without the column does not answer a request for it
+    plain = _run_quiet(base + ["--out", str(tmp_path / "p")])
     assert plain.returncode == 0 and "whitened" not in plain.stdout
-    again = subprocess.run(base + ["--out", str(tmp_path / "p"), "--whiten-dims", "8"], capture_output=True,
-                           text=True, timeout=300, env=env)
+    again = _run_quiet(base + ["--out", str(tmp_path / "p"), "--whiten-dims", "8"])
     assert again.returncode == 2 and "whiten_dims" in again.stderr
 
 
