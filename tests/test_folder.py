@@ -158,6 +158,20 @@ def test_pretrain_on_a_nested_folder_then_embed_and_look(demo_folders, tmp_path,
         assert g.size[1] > 3 * 32 and g.size[0] > 5 * 32  # 3 rows of query + 4 neighbours
     assert Image.open(pca).size[0] > 400
     assert exit_code(load_tool("neighbours"), [str(run), str(base / "classes"), "--k", "48"]) == 2  # only 47 others
+    # --whiten D: the same neighbours as nearest_neighbours on the folder's whitened embeddings
+    from scott.eval.embed import nearest_neighbours
+    from scott.eval.whitening import fit_whitening
+
+    assert exit_code(load_tool("neighbours"), [str(run), str(base / "classes"), "--queries", "8", "--k", "5",
+                                               "--whiten", "20", "--which", "target", "--out", str(grid)]) == 0
+    queries = torch.randperm(48, generator=torch.Generator().manual_seed(0))[:8].tolist()
+    white = fit_whitening(emb.features, 20)
+    idx, _ = nearest_neighbours(white(emb.features), queries, 5)
+    same = 100 * float((emb.labels[idx] == emb.labels[torch.tensor(queries)].unsqueeze(1)).float().mean())
+    assert f"{same:.1f} % of the neighbours share" in capsys.readouterr().out
+    plain, _ = nearest_neighbours(emb.features, queries, 5)
+    assert not torch.equal(plain, idx)  # whitening changed who the neighbours are
+    assert exit_code(load_tool("neighbours"), [str(run), str(base / "classes"), "--whiten", "48"]) == 2
     # the run's shareable model folder holds the encoder the recipe exports (train.export_encoder:
     # context in folder_cpu.yaml) and embeds the same images to the same vectors as that encoder
     assert (run / "export" / "config.json").is_file()

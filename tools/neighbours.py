@@ -38,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default=None)
     parser.add_argument("--thumb", type=int, default=96, help="thumbnail size in pixels")
+    parser.add_argument("--whiten", type=int, default=0, metavar="D",
+                        help="PCA-whiten the embeddings of the folder to D dimensions before the cosine "
+                             "(scott.eval.whitening; often better neighbours, docs/results.md ninth round) [0 = off]")
     return parser.parse_args(argv)
 
 
@@ -49,6 +52,7 @@ def main(argv=None) -> int:
     from scott.config import RecipeError
     from scott.eval.embed import embed_folder, nearest_neighbours
     from scott.eval.runs import default_device, load_encoder_source
+    from scott.eval.whitening import fit_whitening
     from scott.viz import embedding_map, neighbour_grid, pca_2d
 
     device = default_device(args.device)
@@ -57,8 +61,15 @@ def main(argv=None) -> int:
     n = len(emb.paths)
     if not 1 <= args.k < n or not 1 <= args.queries <= n:
         raise RecipeError(f"{args.folder}: {n} images; --k must be in [1, {n - 1}] and --queries in [1, {n}]")
+    features, how = emb.features, "cosine"
+    if args.whiten:
+        most = min(n - 1, features.shape[1])
+        if not 1 <= args.whiten <= most:
+            raise RecipeError(f"{args.folder}: --whiten must be in [1, {most}] for {n} images of "
+                              f"{features.shape[1]} feature dimensions")
+        features, how = fit_whitening(features, args.whiten)(features), f"cosine after whitening to {args.whiten}"
     queries = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))[:args.queries].tolist()
-    idx, sims = nearest_neighbours(emb.features, queries, args.k)
+    idx, sims = nearest_neighbours(features, queries, args.k)
     root = Path(emb.root)
 
     def image(i):
@@ -68,7 +79,7 @@ def main(argv=None) -> int:
     grid = neighbour_grid([image(q) for q in queries], [[image(int(j)) for j in row] for row in idx],
                           [emb.paths[q] for q in queries], [[emb.paths[int(j)] for j in row] for row in idx],
                           sims.tolist(), thumb=args.thumb,
-                          title=f"{args.k} nearest neighbours ({emb.pool} pooling, cosine) of {args.queries} "
+                          title=f"{args.k} nearest neighbours ({emb.pool} pooling, {how}) of {args.queries} "
                                 f"of {n} images in {args.folder}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     grid.save(args.out)
