@@ -88,12 +88,11 @@ def main(argv=None):
     xq, yq = features_for(source, test, query_tag, pool, args.batch_size, device, args.cache_dir,
                           args.num_workers)
     if args.whiten:
-        most = min(len(yb) - 1, xb.shape[1])
-        if args.whiten > most:
-            console.print(f"[red]error:[/] --whiten {args.whiten}: {len(yb)} bank features of {xb.shape[1]} "
-                          f"dimensions span at most {most} directions")
+        try:
+            white = fit_whitening(xb, args.whiten)  # the bank's statistics only, never the queries'
+        except ValueError as exc:
+            console.print(f"[red]error:[/] --whiten {args.whiten}: {exc}")
             return 2
-        white = fit_whitening(xb, args.whiten)  # the bank's statistics only, never the queries'
         xb, xq = white(xb), white(xq)
     results = knn_classify_many(xb, yb, xq, yq, ks=args.k, temperature=args.temperature)
 

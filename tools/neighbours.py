@@ -63,11 +63,11 @@ def main(argv=None) -> int:
         raise RecipeError(f"{args.folder}: {n} images; --k must be in [1, {n - 1}] and --queries in [1, {n}]")
     features, how = emb.features, "cosine"
     if args.whiten:
-        most = min(n - 1, features.shape[1])
-        if not 1 <= args.whiten <= most:
-            raise RecipeError(f"{args.folder}: --whiten must be in [1, {most}] for {n} images of "
-                              f"{features.shape[1]} feature dimensions")
-        features, how = fit_whitening(features, args.whiten)(features), f"cosine after whitening to {args.whiten}"
+        try:
+            white = fit_whitening(features, args.whiten)
+        except ValueError as exc:
+            raise RecipeError(f"{args.folder}: --whiten {args.whiten}: {exc}") from None
+        features, how = white(features), f"cosine after whitening to {args.whiten}"
     queries = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))[:args.queries].tolist()
     idx, sims = nearest_neighbours(features, queries, args.k)
     root = Path(emb.root)
