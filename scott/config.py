@@ -166,6 +166,8 @@ SCHEMA: Mapping[str, Mapping[str, Field]] = {
         "target_norm": Field("choice", "layer", choices=("layer", "instance")),
         "global_view": Field("choice", "same", choices=("same", "crop")),
         "dino_weight": _nonneg_float(0.0),
+        "var_weight": _nonneg_float(0.0),   # VICReg's variance term on the visible context tokens
+        "cov_weight": _nonneg_float(0.0),   # VICReg's covariance term on the same tokens
         "dino_prototypes": _pos_int(256),
         "dino_student_temp": _pos_float(0.1),
         "dino_teacher_temp": _pos_float(0.04),

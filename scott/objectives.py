@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from .config import as_section
 from .ema import update_ema
 from .self_distillation import SelfDistillation
+from .decorrelation import covariance_term, variance_term
 from .masks import MaskBatch
 from .optim_groups import param_groups
 from .models import build_encoder, build_predictor
@@ -88,6 +89,8 @@ class _MaskedPrediction(nn.Module):
         self.num_masks = objective.num_masks
         self.global_weight = objective.global_weight
         self.global_view = objective.global_view
+        self.var_weight = objective.var_weight
+        self.cov_weight = objective.cov_weight
         self.model_cfg = model
         self.context_encoder = build_encoder(model)
         self.predictor = build_predictor(model, self.context_encoder.grid_size, out_dim=predictor_out)
@@ -132,11 +135,13 @@ class _MaskedPrediction(nn.Module):
 
     def predict(self, images_ctx: torch.Tensor, masks: MaskBatch):
         """``(predictions [B, Q, out], query_positions [B, Q] | None, weight [B, Q] bool,
-        context_mean [B, D])``.
+        context_mean [B, D], visible_tokens [M, D])``.
 
         ``all`` mode predicts every position (``query_positions=None``, Q = N); ``visible`` mode
         predicts every non-visible position. ``weight`` marks the target patches among the queries.
-        ``context_mean`` is the mean of the visible context tokens (the global terms' input).
+        ``context_mean`` is the mean of the visible context tokens (the global terms' input);
+        ``visible_tokens`` are the context encoder's visible tokens of the whole batch, one row each
+        (the variance / covariance terms' input).
         """
         visible = masks.visible
         b = visible.shape[0]
@@ -145,11 +150,11 @@ class _MaskedPrediction(nn.Module):
             ctx = self.context_encoder(images_ctx, visible, context_tokens="all")
             keep = visible.reshape(b, -1, 1).to(ctx.dtype)
             mean = (ctx * keep).sum(1) / keep.sum(1).clamp(min=1)
-            return self.predictor(ctx), None, target_flat, mean
+            return self.predictor(ctx), None, target_flat, mean, ctx[visible.reshape(b, -1)]
         ctx, ctx_pos = self.context_encoder(images_ctx, visible, context_tokens="visible", return_positions=True)
         query_pos = _indices(~visible.reshape(b, -1))
         pred = self.predictor(ctx, ctx_pos, query_pos)
-        return pred, query_pos, target_flat.gather(1, query_pos), ctx.mean(1)
+        return pred, query_pos, target_flat.gather(1, query_pos), ctx.mean(1), ctx.flatten(0, 1)
 
     @staticmethod
     def _select(tokens: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
@@ -183,10 +188,18 @@ class _MaskedPrediction(nn.Module):
         if m > 1:  # several context masks per image share that one target pass (data2vec 2.0)
             images_ctx = images_ctx.repeat_interleave(m, dim=0)
             full_target = full_target.repeat_interleave(m, dim=0)
-        pred, query_pos, weight, ctx_mean = self.predict(images_ctx, masks)
+        pred, query_pos, weight, ctx_mean, ctx_tokens = self.predict(images_ctx, masks)
         target = self._select(full_target, query_pos)
         loss = masked_loss(pred, target, weight, self.loss_kind)
         extra_stats = {}
+        if self.var_weight > 0:  # VICReg's terms on the visible context tokens (C-JEPA)
+            var = variance_term(ctx_tokens)
+            loss = loss + self.var_weight * var
+            extra_stats["var_term"] = var.detach()
+        if self.cov_weight > 0:
+            cov = covariance_term(ctx_tokens)
+            loss = loss + self.cov_weight * cov
+            extra_stats["cov_term"] = cov.detach()
         if self.global_head is not None or self.distill is not None:
             other_view = None  # the target encoder's tokens of the third view, computed once
             if images_global is not None:

@@ -11,7 +11,7 @@ from scott.run_folder import METRICS_FILE
 __all__ = ["MetricsLog", "Progress", "CollapseWatch", "summary_table", "DIAGNOSTICS", "COLLAPSE_TARGET_STD"]
 
 # The objective's per-step diagnostics written to metrics.jsonl and TensorBoard.
-DIAGNOSTICS = ("pred_std", "target_std", "target_abs", "dino_loss")
+DIAGNOSTICS = ("pred_std", "target_std", "target_abs", "dino_loss", "var_term", "cov_term")
 
 # Targets are LayerNorm-ed tokens (or normalised patches): their per-channel spread across the
 # batch's tokens is 0.5-0.7 on the demo (random init and trained alike). Below this the run warns.

@@ -1,0 +1,78 @@
+"""VICReg's variance and covariance terms (``objective.var_weight`` / ``objective.cov_weight``):
+the two functions against hand computations, and how they join MIM-JEPA's loss."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from scott.decorrelation import covariance_term, variance_term
+from test_objective_levers import _masks, _objective  # the same tiny MIM-JEPA and masks
+
+
+def test_variance_term_is_the_hinge_on_each_channels_std():
+    # channel 0: values +-0.5 -> unbiased var 0.5**2 * 4/3; channel 1: +-3 -> std far above 1
+    z = torch.tensor([[0.5, 3.0], [-0.5, -3.0], [0.5, 3.0], [-0.5, -3.0]])
+    std0 = math.sqrt(0.25 * 4 / 3 + 1e-4)
+    assert math.isclose(float(variance_term(z)), (1 - std0) / 2, rel_tol=1e-6)
+    assert float(variance_term(z * 10)) == 0.0          # every std >= 1: no penalty
+    assert math.isclose(float(variance_term(torch.zeros(5, 3))), 1 - math.sqrt(1e-4), rel_tol=1e-6)
+
+
+def test_covariance_term_matches_numpy_and_ignores_the_diagonal():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(50, 6)) @ rng.normal(size=(6, 6))
+    cov = np.cov(a, rowvar=False)
+    expected = (np.square(cov).sum() - np.square(np.diag(cov)).sum()) / 6
+    assert math.isclose(float(covariance_term(torch.tensor(a, dtype=torch.float32))), expected, rel_tol=1e-4)
+    # uncorrelated channels of any scale cost nothing: the rows of a centred Hadamard design
+    h = torch.tensor([[1.0, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]]) * torch.tensor([1.0, 5.0, 0.1])
+    assert float(covariance_term(h)) < 1e-10
+
+
+def test_terms_reject_a_single_row():
+    with pytest.raises(ValueError, match="M >= 2"):
+        variance_term(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="M >= 2"):
+        covariance_term(torch.zeros(3))
+
+
+@pytest.mark.parametrize("mode", ["visible", "all"])
+def test_terms_add_to_the_masked_loss_on_the_visible_context_tokens(mode):
+    torch.manual_seed(0)
+    from scott.objectives import build_objective
+    from test_objective_levers import MODEL
+    model = {**MODEL, "context_tokens": mode}
+    obj = build_objective({"model": model, "objective": {"name": "mimjepa", "var_weight": 0.5, "cov_weight": 2.0}})
+    x, m = torch.randn(4, 1, 16, 16), _masks(4)
+    total, stats = obj(x, x, m)
+    obj.var_weight = obj.cov_weight = 0.0
+    masked_only, _ = obj(x, x, m)
+    ctx = obj.context_encoder(x, m.visible, context_tokens=mode)
+    if mode == "all":
+        tokens = ctx[m.visible.reshape(4, -1)]
+    else:
+        tokens = ctx.flatten(0, 1)
+    assert tokens.shape[0] == int(m.visible.sum())  # every visible token, and no other
+    var, cov = variance_term(tokens), covariance_term(tokens)
+    assert torch.allclose(total - masked_only, 0.5 * var + 2.0 * cov, atol=1e-5)
+    assert torch.allclose(stats["var_term"], var) and torch.allclose(stats["cov_term"], cov)
+
+
+def test_terms_train_the_context_encoder_and_default_to_off():
+    obj = _objective(cov_weight=1.0)
+    x, m = torch.randn(4, 1, 16, 16), _masks(4)
+    obj(x, x, m)[0].backward()
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in obj.context_encoder.parameters())
+    plain = _objective()
+    assert plain.var_weight == 0.0 and plain.cov_weight == 0.0
+    assert "var_term" not in plain(x, x, m)[1]
+
+
+@pytest.mark.parametrize("key", ["var_weight", "cov_weight"])
+def test_recipe_rejects_a_negative_weight(key):
+    from scott.config import RecipeError, resolve_recipe
+
+    assert resolve_recipe({"objective": {key: 0.5}}, source="<t>", check_data=False)["objective"][key] == 0.5
+    with pytest.raises(RecipeError, match=f"objective.{key}"):
+        resolve_recipe({"objective": {key: -1.0}}, source="<t>", check_data=False)
