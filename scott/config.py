@@ -168,6 +168,8 @@ SCHEMA: Mapping[str, Mapping[str, Field]] = {
         "dino_weight": _nonneg_float(0.0),
         "var_weight": _nonneg_float(0.0),   # VICReg's variance term on the visible context tokens
         "cov_weight": _nonneg_float(0.0),   # VICReg's covariance term on the same tokens
+        # what the two terms centre each token by: the whole batch (VICReg's) or its grid position
+        "decorrelation_center": Field("choice", "batch", choices=("batch", "position")),
         "dino_prototypes": _pos_int(256),
         "dino_student_temp": _pos_float(0.1),
         "dino_teacher_temp": _pos_float(0.04),

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .config import as_section
 from .ema import update_ema
 from .self_distillation import SelfDistillation
-from .decorrelation import covariance_term, variance_term
+from .decorrelation import center_by_position, covariance_term, variance_term
 from .masks import MaskBatch
 from .optim_groups import param_groups
 from .models import build_encoder, build_predictor
@@ -91,6 +91,7 @@ class _MaskedPrediction(nn.Module):
         self.global_view = objective.global_view
         self.var_weight = objective.var_weight
         self.cov_weight = objective.cov_weight
+        self.decorrelation_center = objective.decorrelation_center
         self.model_cfg = model
         self.context_encoder = build_encoder(model)
         self.predictor = build_predictor(model, self.context_encoder.grid_size, out_dim=predictor_out)
@@ -135,13 +136,13 @@ class _MaskedPrediction(nn.Module):
 
     def predict(self, images_ctx: torch.Tensor, masks: MaskBatch):
         """``(predictions [B, Q, out], query_positions [B, Q] | None, weight [B, Q] bool,
-        context_mean [B, D], visible_tokens [M, D])``.
+        context_mean [B, D], visible_tokens [M, D], visible_positions [M])``.
 
         ``all`` mode predicts every position (``query_positions=None``, Q = N); ``visible`` mode
         predicts every non-visible position. ``weight`` marks the target patches among the queries.
         ``context_mean`` is the mean of the visible context tokens (the global terms' input);
         ``visible_tokens`` are the context encoder's visible tokens of the whole batch, one row each
-        (the variance / covariance terms' input).
+        (the variance / covariance terms' input), and ``visible_positions`` each row's grid position.
         """
         visible = masks.visible
         b = visible.shape[0]
@@ -150,11 +151,13 @@ class _MaskedPrediction(nn.Module):
             ctx = self.context_encoder(images_ctx, visible, context_tokens="all")
             keep = visible.reshape(b, -1, 1).to(ctx.dtype)
             mean = (ctx * keep).sum(1) / keep.sum(1).clamp(min=1)
-            return self.predictor(ctx), None, target_flat, mean, ctx[visible.reshape(b, -1)]
+            rows = visible.reshape(b, -1)
+            return self.predictor(ctx), None, target_flat, mean, ctx[rows], rows.nonzero()[:, 1]
         ctx, ctx_pos = self.context_encoder(images_ctx, visible, context_tokens="visible", return_positions=True)
         query_pos = _indices(~visible.reshape(b, -1))
         pred = self.predictor(ctx, ctx_pos, query_pos)
-        return pred, query_pos, target_flat.gather(1, query_pos), ctx.mean(1), ctx.flatten(0, 1)
+        return (pred, query_pos, target_flat.gather(1, query_pos), ctx.mean(1), ctx.flatten(0, 1),
+                ctx_pos.flatten())
 
     @staticmethod
     def _select(tokens: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
@@ -188,10 +191,12 @@ class _MaskedPrediction(nn.Module):
         if m > 1:  # several context masks per image share that one target pass (data2vec 2.0)
             images_ctx = images_ctx.repeat_interleave(m, dim=0)
             full_target = full_target.repeat_interleave(m, dim=0)
-        pred, query_pos, weight, ctx_mean, ctx_tokens = self.predict(images_ctx, masks)
+        pred, query_pos, weight, ctx_mean, ctx_tokens, ctx_positions = self.predict(images_ctx, masks)
         target = self._select(full_target, query_pos)
         loss = masked_loss(pred, target, weight, self.loss_kind)
         extra_stats = {}
+        if (self.var_weight > 0 or self.cov_weight > 0) and self.decorrelation_center == "position":
+            ctx_tokens = center_by_position(ctx_tokens, ctx_positions, masks.visible[0].numel())
         if self.var_weight > 0:  # VICReg's terms on the visible context tokens (C-JEPA)
             var = variance_term(ctx_tokens)
             loss = loss + self.var_weight * var

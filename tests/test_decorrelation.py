@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from scott.decorrelation import covariance_term, variance_term
+from scott.decorrelation import center_by_position, covariance_term, variance_term
 from test_objective_levers import _masks, _objective  # the same tiny MIM-JEPA and masks
 
 
@@ -85,3 +85,62 @@ def test_recipe_rejects_a_negative_weight(key):
     assert resolve_recipe({"objective": {key: 0.5}}, source="<t>", check_data=False)["objective"][key] == 0.5
     with pytest.raises(RecipeError, match=f"objective.{key}"):
         resolve_recipe({"objective": {key: -1.0}}, source="<t>", check_data=False)
+
+
+def test_center_by_position_removes_each_positions_mean_and_nothing_else():
+    z = torch.tensor([[1.0, 10.0], [3.0, 20.0], [5.0, -4.0], [7.0, 0.0], [2.0, 2.0]])
+    pos = torch.tensor([0, 0, 2, 2, 1])
+    out = center_by_position(z, pos, num_positions=4)
+    # position 0: mean (2, 15); position 2: mean (6, -2); position 1 holds one row -> zeros
+    expected = torch.tensor([[-1.0, -5.0], [1.0, 5.0], [-1.0, -2.0], [1.0, 2.0], [0.0, 0.0]])
+    assert torch.equal(out, expected)
+    # a shift shared by every row at one position disappears; one that differs between rows stays
+    shifted = z.clone()
+    shifted[pos == 2] += torch.tensor([100.0, -50.0])
+    assert torch.equal(center_by_position(shifted, pos, 4), expected)
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        center_by_position(z, torch.tensor([0, 0, 2, 4, 1]), 4)
+    with pytest.raises(ValueError, match="one position per row"):
+        center_by_position(z, pos[:3], 4)
+
+
+@pytest.mark.parametrize("mode", ["visible", "all"])
+def test_position_centring_feeds_the_terms_the_tokens_minus_their_positions_mean(mode):
+    torch.manual_seed(0)
+    from scott.objectives import build_objective
+    from test_objective_levers import MODEL
+    model = {**MODEL, "context_tokens": mode}
+    objective = {"name": "mimjepa", "var_weight": 0.5, "cov_weight": 2.0, "decorrelation_center": "position"}
+    obj = build_objective({"model": model, "objective": objective})
+    x, m = torch.randn(4, 1, 16, 16), _masks(4)
+    total, stats = obj(x, x, m)
+    obj.var_weight = obj.cov_weight = 0.0
+    masked_only, _ = obj(x, x, m)
+    ctx = obj.context_encoder(x, m.visible, context_tokens=mode)
+    rows = m.visible.reshape(4, -1)
+    # each visible token's grid position, written out by hand (row-major over the 4 x 4 grid)
+    tokens, positions = [], []
+    for i in range(4):
+        for j, p in enumerate(rows[i].nonzero()[:, 0].tolist()):
+            tokens.append(ctx[i, p] if mode == "all" else ctx[i, j])
+            positions.append(p)
+    tokens = torch.stack(tokens)
+    centred = tokens.clone()
+    for p in set(positions):
+        at = torch.tensor([q == p for q in positions])
+        centred[at] = tokens[at] - tokens[at].mean(0)
+    var, cov = variance_term(centred), covariance_term(centred)
+    assert torch.allclose(total - masked_only, 0.5 * var + 2.0 * cov, atol=1e-5)
+    assert torch.allclose(stats["var_term"], var) and torch.allclose(stats["cov_term"], cov)
+    # and it is a different loss from the batch-centred default on the same tokens
+    assert abs(float(covariance_term(tokens.detach())) - float(cov.detach())) > 1e-3
+
+
+def test_recipe_validates_the_centring_choice():
+    from scott.config import RecipeError, resolve_recipe
+
+    ok = resolve_recipe({"objective": {"decorrelation_center": "position"}}, source="<t>", check_data=False)
+    assert ok["objective"]["decorrelation_center"] == "position"
+    assert resolve_recipe({}, source="<t>", check_data=False)["objective"]["decorrelation_center"] == "batch"
+    with pytest.raises(RecipeError, match="objective.decorrelation_center"):
+        resolve_recipe({"objective": {"decorrelation_center": "pixel"}}, source="<t>", check_data=False)

@@ -72,7 +72,7 @@ def test_loss_depends_only_on_target_predictions(mode, kind):
     obj = _objective(context_tokens=mode)
     x = torch.randn(4, 3, 16, 16)
     masks = _masks(kind)
-    pred, qpos, weight, ctx_mean, ctx_tokens = obj.predict(x, masks)
+    pred, qpos, weight, ctx_mean, ctx_tokens, ctx_positions = obj.predict(x, masks)
     assert obj.global_head is None  # no global head without objective.global_weight
     assert ctx_mean.shape == (4, obj.context_encoder.embed_dim)
     # the weight marks exactly the target patches among the predicted positions
