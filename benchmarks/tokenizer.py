@@ -3,9 +3,11 @@
     python benchmarks/tokenizer.py                 # batch 32 and 8, 25/40/100 % visible
     python benchmarks/tokenizer.py --quick         # batch 8 only, fewer reps
     python benchmarks/tokenizer.py --device cuda   # adds spconv when it is available
+    python benchmarks/tokenizer.py --recipe recipes/fashion_mnist_cpu.yaml --batch 64   # a recipe's stack
 
-The paper's stack (224 px, 3 -> 64 -> 384 channels) runs on paper-style block masks (random
-rectangles until the visible fraction is reached, the same count in every image). Backends are
+The paper's stack (224 px, 3 -> 64 -> 384 channels), or with ``--recipe`` the tokenizer of a
+recipe's ``model`` section, runs on paper-style block masks (random rectangles until the visible
+fraction is reached, the same count in every image). Backends are
 interleaved within each repetition (warm-up first) and the median is reported, with each
 backend's ratio to dense in its fastest layout (channels-last on CPU). The last line is the
 headline: tiles vs dense at 40 % visible (batch 32 when measured).
@@ -26,7 +28,17 @@ from scott.masks import BlockwiseMask
 from scott.tokenizer import Tokenizer, available_backends
 from scott.tokenizer.backends import dense, tiles
 
-IMG, PATCH, DIM, IN_CHANS = 224, 16, 384, 3
+#: the paper's stack at 224 px, measured unless ``--recipe`` names another tokenizer
+PAPER = {"tokenizer": "scott", "img_size": 224, "patch_size": 16, "embed_dim": 384, "in_chans": 3,
+         "hidden_dim": 64}
+
+
+def stack_from_recipe(path: str) -> dict:
+    """The tokenizer settings (keys of :data:`PAPER`) of a recipe's ``model`` section."""
+    from scott.config import load_recipe
+
+    model = load_recipe(path, check_data=False)["model"]
+    return {key: model[key] for key in PAPER}
 
 
 def block_masks(batch: int, grid: int, fraction: float, seed: int) -> torch.Tensor:
@@ -73,13 +85,14 @@ def _step(fn, tok, images, visible, weights, device) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def measure(batch: int, fraction: float, reps: int, device: torch.device, tok: Tokenizer,
+def measure(batch: int, fraction: float, reps: int, device: torch.device, tok: Tokenizer, stack: dict,
             seed: int = 0) -> tuple[dict[str, float], str]:
     """Median fwd+bwd ms per backend for one (batch, visible fraction); also auto's choice."""
     gen = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, IN_CHANS, IMG, IMG, generator=gen).to(device)
-    visible = block_masks(batch, IMG // PATCH, fraction, seed).to(device)
-    weights = torch.randn(batch, (IMG // PATCH) ** 2, DIM, generator=gen).to(device)
+    size, grid = stack["img_size"], stack["img_size"] // stack["patch_size"]
+    images = torch.randn(batch, stack["in_chans"], size, size, generator=gen).to(device)
+    visible = block_masks(batch, grid, fraction, seed).to(device)
+    weights = torch.randn(batch, grid ** 2, stack["embed_dim"], generator=gen).to(device)
     runners = _runners(tok, device)
     names = list(runners)
     times = {n: [] for n in names}
@@ -93,7 +106,7 @@ def measure(batch: int, fraction: float, reps: int, device: torch.device, tok: T
     return {n: statistics.median(t) for n, t in times.items()}, tok.pick_backend(images, visible)
 
 
-def header(device: torch.device) -> list[str]:
+def header(device: torch.device, stack: dict) -> list[str]:
     malloc = {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
     lines = [
         f"torch {torch.__version__}, device {device}, torch threads {torch.get_num_threads()}, "
@@ -101,7 +114,8 @@ def header(device: torch.device) -> list[str]:
         f"cpu {platform.processor() or platform.machine()}, python {platform.python_version()}, "
         f"load average at start {os.getloadavg()[0]:.2f} (other processes share these cores)",
         f"allocator env: {malloc or 'none set (glibc defaults)'}",
-        f"stack scott, {IMG} px, {IN_CHANS} -> 64 -> {DIM} channels, block masks, fwd+bwd "
+        f"stack {stack['tokenizer']}, {stack['img_size']} px, patch {stack['patch_size']}, "
+        f"{stack['in_chans']} -> {stack['hidden_dim']} -> {stack['embed_dim']} channels, block masks, fwd+bwd "
         f"(images without grad), median ms",
     ]
     if device.type == "cuda":
@@ -116,6 +130,8 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true", help="batch 8 only, 3 reps")
+    ap.add_argument("--recipe", default=None,
+                    help="measure this recipe's tokenizer (model section) instead of the paper's 224 px stack")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads for every backend (default: torch's default)")
     args = ap.parse_args(argv)
@@ -124,15 +140,17 @@ def main(argv=None) -> None:
     if args.quick:
         args.batch, args.reps = [8], 3
     device = torch.device(args.device)
+    stack = stack_from_recipe(args.recipe) if args.recipe else dict(PAPER)
     console = Console()
-    for line in header(device):
+    for line in header(device, stack):
         console.print(line)
     torch.manual_seed(0)
-    tok = Tokenizer(embed_dim=DIM, patch_size=PATCH, in_chans=IN_CHANS, stack="scott").to(device)
+    tok = Tokenizer(embed_dim=stack["embed_dim"], patch_size=stack["patch_size"], in_chans=stack["in_chans"],
+                    stack=stack["tokenizer"], hidden_dim=stack["hidden_dim"]).to(device)
     results = {}
     for batch in args.batch:
         for frac in args.visible:
-            results[(batch, frac)] = measure(batch, frac, args.reps, device, tok)
+            results[(batch, frac)] = measure(batch, frac, args.reps, device, tok, stack)
     base = "dense CL" if device.type == "cpu" else "dense NCHW"
     names = list(next(iter(results.values()))[0])
     table = Table(title=f"tokenizer fwd+bwd, median of {args.reps} (ratio = {base} ms / backend ms)")

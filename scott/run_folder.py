@@ -45,6 +45,8 @@ def prepare_run_dir(run, resume: bool) -> int:
     from scott.config import format_recipe
 
     run_dir = run.run_dir
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"{run_dir} is a file, not a folder; choose another --output")
     start = 0
     if resume:
         last = ck.find_last_complete(run_dir, log=run.log)
@@ -59,7 +61,11 @@ def prepare_run_dir(run, resume: bool) -> int:
                           "or choose another --output")
     run.acc.wait_for_everyone()
     if run.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a parent is a file, no permission, read-only file system
+            raise RunDirError(f"cannot create the run folder {run_dir}: {exc.strerror or exc}; "
+                              "choose another --output") from None
         ck.atomic_write_text(run_dir / RECIPE_FILE, format_recipe(run.recipe))
         truncate_metrics(run_dir / METRICS_FILE, start)
         if start == 0 and (run_dir / "tb").is_dir():  # events of an attempt that never checkpointed

@@ -143,6 +143,17 @@ def test_fresh_run_refuses_folder_with_checkpoints(tmp_path):
         _run(recipe, tmp_path)
 
 
+@pytest.mark.parametrize("where", ["file", "under a file"])
+def test_an_output_that_is_or_lies_under_a_file_is_a_run_folder_error(tmp_path, where):
+    blocker = tmp_path / "taken"
+    blocker.write_text("not a folder")
+    output = blocker if where == "file" else blocker / "run"
+    with pytest.raises(RunDirError, match="choose another --output") as info:
+        _run(tiny_recipe(train={"max_steps": 2}), output)
+    assert str(output) in str(info.value)
+    assert blocker.read_text() == "not a folder"  # the file is left as it was
+
+
 def test_indivisible_global_batch_is_an_error(tmp_path):
     recipe = tiny_recipe(optim={"accum_steps": 2}).to_dict()
     recipe["optim"]["batch_size"] = 9  # scott.config rejects this too; the run checks processes x accum

@@ -31,6 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="override a recipe value (repeatable), e.g. --set optim.lr=1e-3")
     parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
     parser.add_argument("--no-knn", action="store_true", help="skip the kNN report after pretraining")
+    parser.add_argument("--malloc-defaults", action="store_true",
+                        help="keep glibc's malloc thresholds (by default freed memory stays in the process: "
+                             "scott.allocator, docs/benchmarks.md)")
     return parser.parse_args(argv)
 
 
@@ -51,6 +54,10 @@ def main(argv=None) -> int:
     from scott.config import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)  # before the heavy imports: fail fast
+    if not args.malloc_defaults:
+        from scott.allocator import retain_freed_memory
+
+        retain_freed_memory()  # the step's activations are not page-faulted afresh every step
     from scott.checkpoint import CheckpointError
     from scott.train import NonFiniteLossError, RunDirError, pretrain, resolve_output_dir
 
