@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from scott.cli import run_cli  # noqa: E402
+from scott.cli import add_malloc_flag, apply_malloc_choice, run_cli  # noqa: E402
 from scott.config import RecipeError, load_recipe  # noqa: E402
 
 PRETRAIN_ROWS = {
@@ -138,6 +138,7 @@ def parse_args(argv=None):
                    help="override for one row (e.g. pixel:optim.lr=2e-4)")
     p.add_argument("--out", default=None, help="output folder [runs/quality/<recipe>-<regime>]")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    add_malloc_flag(p)
     p.add_argument("--report-only", action="store_true",
                    help="train and evaluate nothing: tabulate the rows and seeds already finished in OUT")
     return p.parse_args(argv)
@@ -622,6 +623,7 @@ def main(argv=None):
     console = Console(width=max(150, Console().width))
     if args.threads:
         torch.set_num_threads(args.threads)
+    apply_malloc_choice(args)
     if args.seeds < 1 or args.first_seed < 0 or args.draws < 1 or (args.steps is not None and args.steps < 1) or \
             (args.budget_minutes is not None and args.budget_minutes <= 0) or \
             (args.supervised_epochs is not None and args.supervised_epochs < 1):

@@ -7,7 +7,24 @@ from typing import Any, Callable
 
 from scott.config import RecipeError
 
-__all__ = ["run_cli"]
+__all__ = ["add_malloc_flag", "apply_malloc_choice", "run_cli"]
+
+
+def add_malloc_flag(parser) -> None:
+    """``--malloc-defaults``: the training CLIs' switch back to glibc's malloc thresholds."""
+    parser.add_argument("--malloc-defaults", action="store_true",
+                        help="keep glibc's malloc thresholds (by default freed memory stays in the process, "
+                             "so each step does not page-fault its activations afresh: scott.allocator, "
+                             "docs/benchmarks.md)")
+
+
+def apply_malloc_choice(args) -> bool:
+    """Keep freed memory in the process unless ``args.malloc_defaults``; whether it was applied."""
+    if getattr(args, "malloc_defaults", False):
+        return False
+    from scott import allocator
+
+    return allocator.retain_freed_memory()
 
 
 def run_cli(main: Callable[[], Any]) -> None:

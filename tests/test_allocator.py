@@ -60,18 +60,36 @@ def test_this_process_accepts_the_settings_on_glibc():
     assert retain_freed_memory() is True
 
 
+DEMO = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
+
+
+def _stopping_argv(tool, tmp_path):
+    """Arguments that make ``tool`` stop with exit 2 right after its start-up."""
+    if tool == "pretrain":  # an --output that is a file
+        blocker = tmp_path / "taken"
+        blocker.write_text("x")
+        return [str(DEMO), "--output", str(blocker), "--no-knn"]
+    if tool == "finetune":  # raw pixels have nothing to fine-tune
+        return ["--pixels", str(DEMO)]
+    return [str(DEMO), "--steps", "1", "--seeds", "0"]  # benchmarks/quality.py: --seeds >= 1
+
+
+@pytest.mark.parametrize("tool", ["pretrain", "finetune", "quality"])
 @pytest.mark.parametrize("flags, calls", [([], 1), (["--malloc-defaults"], 0)])
-def test_pretrain_cli_keeps_freed_memory_unless_asked_not_to(tmp_path, monkeypatch, flags, calls):
-    """tools/pretrain.py applies the setting once, after the recipe loads and before training
-    (here the run stops at once on an unusable --output, exit 2), and not with --malloc-defaults."""
+def test_training_clis_keep_freed_memory_unless_asked_not_to(tmp_path, monkeypatch, tool, flags, calls):
+    """The training CLIs apply the setting once at start-up, and not with --malloc-defaults."""
+    import importlib.util
+
     import scott.allocator
-    from cli_helpers import exit_code, load_tool
+    from cli_helpers import ROOT, exit_code, load_tool
 
     seen = []
     monkeypatch.setattr(scott.allocator, "retain_freed_memory", lambda: seen.append(1) or True)
-    blocker = tmp_path / "taken"
-    blocker.write_text("x")
-    demo = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
-    argv = [str(demo), "--output", str(blocker), "--no-knn", *flags]
-    assert exit_code(load_tool("pretrain"), argv) == 2
+    if tool == "quality":
+        spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "benchmarks" / "quality.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        module = load_tool(tool)
+    assert exit_code(module, [*_stopping_argv(tool, tmp_path), *flags]) == 2
     assert len(seen) == calls

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rich.console import Console  # noqa: E402
 
-from scott.cli import run_cli  # noqa: E402
+from scott.cli import add_malloc_flag, apply_malloc_choice, run_cli  # noqa: E402
 from scott.config import RecipeError  # noqa: E402
 from scott.eval.features import EvalView, encoder_in_chans, resolve_transform  # noqa: E402
 from scott.eval.finetune import finetune, seeded_init  # noqa: E402
@@ -60,11 +60,13 @@ def parse_args(argv=None):
                         help="how the head sees the tokens: avg (any input size) or a layout-keeping "
                              "pooling (grid2, grid3, flat: every token concatenated) [the recipe's "
                              "model.global_pool, as the probes]")
+    add_malloc_flag(parser)
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    apply_malloc_choice(args)
     console = Console()
     if args.pixels:
         raise RecipeError("--pixels has nothing to fine-tune; use eval_linear.py --pixels for a pixel baseline")

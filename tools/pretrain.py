@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from scott.cli import add_malloc_flag, apply_malloc_choice
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -31,9 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="override a recipe value (repeatable), e.g. --set optim.lr=1e-3")
     parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
     parser.add_argument("--no-knn", action="store_true", help="skip the kNN report after pretraining")
-    parser.add_argument("--malloc-defaults", action="store_true",
-                        help="keep glibc's malloc thresholds (by default freed memory stays in the process: "
-                             "scott.allocator, docs/benchmarks.md)")
+    add_malloc_flag(parser)
     return parser.parse_args(argv)
 
 
@@ -54,10 +54,7 @@ def main(argv=None) -> int:
     from scott.config import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)  # before the heavy imports: fail fast
-    if not args.malloc_defaults:
-        from scott.allocator import retain_freed_memory
-
-        retain_freed_memory()  # the step's activations are not page-faulted afresh every step
+    apply_malloc_choice(args)  # the step's activations are not page-faulted afresh every step
     from scott.checkpoint import CheckpointError
     from scott.train import NonFiniteLossError, RunDirError, pretrain, resolve_output_dir
 
