@@ -9,7 +9,7 @@ thresholds with ``mallopt`` (the same settings as the environment variables
 ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``, but applied from inside the process):
 allocations up to ``mmap_threshold`` come from the heap, and freed heap memory stays with the
 process for the next step. The cost is that the process keeps its peak heap until it exits.
-Measured in docs/benchmarks.md ("The allocator").
+Measured in docs/benchmarks.md ("Small images on a CPU: the dense-masked backend and the allocator").
 """
 from __future__ import annotations
 
