@@ -1,6 +1,6 @@
 """Self-supervised pretraining from a recipe.
 
-    python tools/pretrain.py RECIPE [--output DIR] [--set section.key=value ...] [--resume]
+    python tools/pretrain.py RECIPE [--output DIR] [--set section.key=value ...] [--resume] [--malloc-defaults]
     accelerate launch [--cpu --num_processes 2] tools/pretrain.py RECIPE ...
 
 Writes the run folder (recipe.yaml, metrics.jsonl, tb/, checkpoints/, encoder.safetensors,
