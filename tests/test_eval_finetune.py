@@ -60,3 +60,78 @@ def test_seeded_init_fixes_the_head_whatever_ran_before_and_keeps_the_global_rng
     with seeded_init(4):
         other = torch.nn.Linear(16, 4).weight
     assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], other)
+
+
+# ----------------------------------------------------------------------------- LP-FT: the head first
+def _squares(n_per_class: int, classes: int = 3, seed: int = 0):
+    """Tiny labelled images: class c has a bright 4 x 4 square in its own corner, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    corners = [(0, 0), (0, 12), (12, 0), (12, 12)][:classes]
+    items = []
+    for c, (top, left) in enumerate(corners):
+        for _ in range(n_per_class):
+            x = 0.3 * torch.randn(1, 16, 16, generator=g)
+            x[:, top:top + 4, left:left + 4] += 2.0
+            items.append((x, c))
+    return items
+
+
+def _model(seed: int = 0, classes: int = 3):
+    from scott.eval.finetune import seeded_init
+
+    with seeded_init(seed):
+        return FinetuneClassifier(build_encoder({**TINY, "global_pool": "flat"}), num_classes=classes)
+
+
+def test_pooled_features_are_what_fc_norm_receives_in_order_and_keep_the_mode():
+    from scott.eval.finetune import pooled_features
+
+    model = _model().train()
+    data = _squares(5)
+    feats, labels = pooled_features(model, data, batch_size=4)
+    assert model.training  # the caller's mode is kept
+    images = torch.stack([x for x, _ in data])
+    model.eval()
+    with torch.no_grad():
+        expect = model.pool(model.forward_features(images))
+    assert feats.shape == (15, 16 * 16) and torch.allclose(feats, expect, atol=1e-6)
+    assert labels.tolist() == [y for _, y in data]
+
+
+def test_fit_head_trains_only_the_head_and_separates_the_classes():
+    from scott.eval.finetune import fit_head, pooled_features
+
+    model = _model()
+    encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    head_before = model.head.weight.detach().clone()
+    feats, labels = pooled_features(model, _squares(10), batch_size=8)
+    losses = fit_head(model, feats, labels, epochs=30, lr=3e-3, batch_size=8, seed=0)
+    assert len(losses) == 30 and losses[-1] < 0.5 * losses[0]
+    with torch.no_grad():
+        pred = model.head(model.fc_norm(feats)).argmax(1)
+    assert (pred == labels).float().mean() == 1.0  # a random conv stem already separates the corners
+    assert all(torch.equal(v, encoder_before[k]) for k, v in model.encoder.state_dict().items())
+    assert not torch.equal(model.head.weight, head_before)
+    again = _model()
+    assert fit_head(again, feats, labels, epochs=30, lr=3e-3, batch_size=8, seed=0) == losses  # seeded
+    with pytest.raises(ValueError, match="epochs"):
+        fit_head(model, feats, labels, epochs=0, lr=1e-3)
+
+
+def test_finetune_with_a_head_stage_scores_it_as_epoch_zero_and_keeps_it_when_tuning_only_hurts():
+    """LP-FT: epoch 0 is the fitted head on the untouched encoder; a fine-tune whose lr wrecks the
+    encoder loses to it on validation, and the model returned is that epoch-0 model."""
+    from scott.eval.finetune import finetune
+
+    fit, val = _squares(12, seed=1), _squares(4, seed=2)
+    model = _model()
+    encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    res = finetune(model, fit, val, None, epochs=2, lr=50.0, warmup_epochs=0, batch_size=12,
+                   probe_epochs=30, probe_lr=3e-3, log=lambda s: None)
+    assert [h["epoch"] for h in res["history"]] == [0, 1, 2]
+    assert res["history"][0]["val_top1"] == 1.0 and res["best_epoch"] == 0
+    assert max(h["val_top1"] for h in res["history"][1:]) < 1.0  # lr 50 destroyed what the head had
+    assert res["probe_epochs"] == 30 and len(res["probe_losses"]) == 30
+    assert all(torch.equal(v, encoder_before[k]) for k, v in model.encoder.state_dict().items())
+    plain = finetune(_model(), fit, val, None, epochs=1, lr=1e-3, batch_size=12, log=lambda s: None)
+    assert [h["epoch"] for h in plain["history"]] == [1] and plain["probe_losses"] == []

@@ -292,3 +292,16 @@ def test_feature_cache_tells_subsets_apart(run_dir, tmp_path):
     assert not torch.equal(fa, fb)
     fa2, _ = features_for(source, a, "demo-trainval", "avg", 8, cache_dir=tmp_path)
     assert torch.equal(fa, fa2)
+
+
+def test_finetune_probe_epochs_fits_the_head_first_and_records_it(run_dir, tmp_path):
+    ft = load_tool("finetune")
+    out = tmp_path / "lpft.json"
+    assert exit_code(ft, [str(run_dir), "--limit-train", "60", "--epochs", "1", "--batch-size", "16",
+                          "--val-only", "--probe-epochs", "3", "--probe-lr", "2e-3", "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert [h["epoch"] for h in rec["history"]] == [0, 1] and len(rec["probe_losses"]) == 3
+    assert rec["hyperparameters"]["probe_epochs"] == 3 and rec["hyperparameters"]["probe_lr"] == 2e-3
+    assert rec["best_epoch"] in (0, 1)
+    assert exit_code(ft, [str(run_dir), "--probe-epochs", "-1"]) == 2
+    assert exit_code(ft, [str(run_dir), "--probe-epochs", "2", "--probe-lr", "0"]) == 2

@@ -3,6 +3,7 @@
 
     python tools/finetune.py runs/demo --epochs 10 --lr 1e-3 --layer-decay 0.75
     python tools/finetune.py --random-init recipes/demo.yaml --epochs 10     # supervised from scratch
+    python tools/finetune.py runs/demo --probe-epochs 100 --lr 5e-4          # LP-FT: the head first
     accelerate launch --num_processes 2 tools/finetune.py runs/demo          # several GPUs
 
 A validation split is carved from the labelled train split (data.val_fraction, stratified,
@@ -46,6 +47,11 @@ def parse_args(argv=None):
     parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay [0.05]")
     parser.add_argument("--layer-decay", type=float, default=1.0, help="layer-wise lr decay (1 = off) [1.0]")
     parser.add_argument("--label-smoothing", type=float, default=0.1, help="[0.1]")
+    parser.add_argument("--probe-epochs", type=int, default=0,
+                        help="LP-FT: first train the head alone for this many epochs on the frozen "
+                             "encoder's features (scored on validation as epoch 0, a candidate like "
+                             "the fine-tuning epochs), then fine-tune everything [0 = off]")
+    parser.add_argument("--probe-lr", type=float, default=1e-3, help="AdamW lr of the head stage [1e-3]")
     parser.add_argument("--no-flip", action="store_true", help="no random horizontal flips in training")
     parser.add_argument("--augment", choices=["flip", "recipe"], default="flip",
                         help="training views: random horizontal flips (unless --no-flip), or the "
@@ -72,6 +78,9 @@ def main(argv=None):
         raise RecipeError("--pixels has nothing to fine-tune; use eval_linear.py --pixels for a pixel baseline")
     if args.epochs < 1 or args.lr <= 0 or not 0 < args.layer_decay <= 1:
         console.print("[red]error:[/] need --epochs >= 1, --lr > 0, 0 < --layer-decay <= 1")
+        return 2
+    if args.probe_epochs < 0 or args.probe_lr <= 0:
+        console.print("[red]error:[/] need --probe-epochs >= 0 and --probe-lr > 0")
         return 2
     if args.no_flip and args.augment != "flip":
         console.print("[red]error:[/] --no-flip goes with --augment flip (the recipe's augmentation decides its own flips)")
@@ -107,11 +116,13 @@ def main(argv=None):
                       warmup_epochs=args.warmup_epochs, batch_size=args.batch_size,
                       weight_decay=args.weight_decay, layer_decay=args.layer_decay,
                       label_smoothing=args.label_smoothing, seed=args.seed, accelerator=acc,
-                      num_workers=args.num_workers, log=console.log if acc.is_main_process else (lambda s: None))
+                      num_workers=args.num_workers, log=console.log if acc.is_main_process else (lambda s: None),
+                      probe_epochs=args.probe_epochs, probe_lr=args.probe_lr)
     if not acc.is_main_process:
         return 0
     t = result["test"]
-    console.print(f"fine-tune {source.description}: best val epoch {result['best_epoch']} "
+    chosen = " (the head alone, encoder frozen)" if result["best_epoch"] == 0 else ""
+    console.print(f"fine-tune {source.description}: best val epoch {result['best_epoch']}{chosen} "
                   f"(val top-1 {100 * result['val']['top1']:.2f} %, {result['n_val']} images carved from train)")
     if t is None:
         console.print("validation only (--val-only): the test split was not built")
@@ -127,7 +138,8 @@ def main(argv=None):
          "val_fraction": val_fraction},
         {"hyperparameters": {**{k: getattr(args, k) for k in (
             "epochs", "lr", "min_lr", "warmup_epochs", "weight_decay", "layer_decay", "label_smoothing",
-            "batch_size", "no_flip", "augment", "mixed_precision")}, "pool": model.global_pool},
+            "batch_size", "no_flip", "augment", "mixed_precision", "probe_epochs", "probe_lr")},
+            "pool": model.global_pool},
          "num_processes": acc.num_processes, "limit_train": args.limit_train, "limit_test": args.limit_test},
     )
     out = args.json or default_json_path(source, "finetune")

@@ -15,7 +15,10 @@ Public API:
                                                   initialised from ``seed``, not from whatever
                                                   the process drew before; the global RNG is kept
     FlipView(dataset)                             random horizontal flips on a tensor dataset
-    finetune(model, fit, val, test, ...)          -> dict of results
+    pooled_features(model, dataset, batch_size)   the frozen model's pooled features, labels
+    fit_head(model, features, labels, ...)        train fc_norm + head on frozen features
+                                                  (the "LP" of LP-FT) -> per-epoch losses
+    finetune(model, fit, val, test, ...)          -> dict of results (``probe_epochs``: LP-FT)
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from scott.optim_groups import adamw
 from scott.optim_groups import param_groups as _param_groups
 from scott.schedules import warmup_cosine
 
-__all__ = ["FinetuneClassifier", "encoder_layer_id", "param_groups", "seeded_init", "FlipView", "finetune"]
+__all__ = ["FinetuneClassifier", "encoder_layer_id", "param_groups", "seeded_init", "FlipView", "pooled_features",
+           "fit_head", "finetune"]
 
 
 class FinetuneClassifier(ScottViT):
@@ -108,6 +112,63 @@ def _evaluate(model: nn.Module, loader, accelerator) -> dict:
     return {"top1": top1, "top5": top5, "mean_per_class": mean_per_class_accuracy(s.argmax(1), y)}
 
 
+@torch.no_grad()
+def pooled_features(model: ScottViT, dataset, batch_size: int = 256, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(features [N, F], labels [N])``: ``model``'s pooled tokens (what ``fc_norm`` receives)
+    of every item of ``dataset`` in order, the model in eval mode; its train/eval state is kept."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    feats, labels = [], []
+    try:
+        for images, y in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+            images = images.to(device)
+            grid = (images.shape[-2] // model.patch_size, images.shape[-1] // model.patch_size)
+            feats.append(model.pool(model.forward_features(images), grid_size=grid).float().cpu())
+            labels.append(torch.as_tensor(y).long().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def fit_head(model: ScottViT, features: torch.Tensor, labels: torch.Tensor, epochs: int, lr: float,
+             batch_size: int = 64, weight_decay: float = 0.05, label_smoothing: float = 0.1,
+             seed: int = 0) -> list[float]:
+    """Train ``model.fc_norm`` and ``model.head`` alone on frozen pooled ``features`` (LP-FT's
+    linear-probe stage, Kumar et al. 2022: a head fitted before the encoder moves, so the first
+    fine-tuning steps do not spend the pretrained features on a random head). AdamW at ``lr``
+    with a cosine decay to 0, the fine-tune's loss; the batches are shuffled by ``seed``.
+    Returns the mean training loss of each epoch. The encoder is not touched."""
+    if epochs < 1:
+        raise ValueError(f"fit_head needs epochs >= 1, got {epochs}")
+    params = list(model.fc_norm.parameters()) + list(model.head.parameters())
+    device = params[0].device
+    x, y = features.to(device), labels.to(device)
+    optimizer = adamw(params, lr=lr, weight_decay=weight_decay)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    gen = torch.Generator().manual_seed(int(seed))
+    n = x.shape[0]
+    per_epoch = max(1, -(-n // batch_size))
+    total, step, losses = epochs * per_epoch, 0, []
+    model.fc_norm.train()
+    model.head.train()
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen).to(device)
+        running = 0.0
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            for group in optimizer.param_groups:
+                group["lr"] = warmup_cosine(step, total, lr)
+            loss = loss_fn(model.head(model.fc_norm(x[idx])), y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            running += float(loss.detach()) * len(idx)
+            step += 1
+        losses.append(running / n)
+    return losses
+
+
 def finetune(
     model: ScottViT,
     fit,
@@ -125,19 +186,31 @@ def finetune(
     accelerator=None,
     num_workers: int = 0,
     log: Callable[[str], None] = print,
+    probe_epochs: int = 0,
+    probe_lr: float = 1e-3,
 ) -> dict:
     """Fine-tune on ``fit``, pick the epoch with the best ``val`` top-1, evaluate ``test`` once.
 
     ``fit`` / ``val`` / ``test`` are datasets of ``(tensor image, label)`` (already transformed);
     ``test=None`` is validation only (choosing hyper-parameters): ``test`` is None in the result.
-    ``lr`` is the peak lr for a batch of ``batch_size`` per optimiser step. Returns a dict with
-    ``best_epoch``, ``val`` (metrics of the chosen epoch), ``test`` and the per-epoch ``history``.
+    ``lr`` is the peak lr for a batch of ``batch_size`` per optimiser step. ``probe_epochs`` > 0
+    first fits the head alone on the frozen encoder's pooled features of ``fit``
+    (:func:`fit_head` at ``probe_lr``: LP-FT) and scores that model on ``val`` as epoch 0, a
+    candidate like every fine-tuning epoch. Returns a dict with ``best_epoch`` (0: the fitted
+    head, encoder unchanged), ``val`` (metrics of the chosen epoch), ``test``, the per-epoch
+    ``history`` and ``probe_losses`` (the head stage's per-epoch loss; empty without it).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     set_seed(seed)
+    probe_losses: list[float] = []
+    if probe_epochs > 0:  # LP-FT: the head first, on the frozen encoder's features
+        model.to(acc.device)
+        features, labels = pooled_features(model, fit, batch_size=max(batch_size, 256))
+        probe_losses = fit_head(model, features, labels, probe_epochs, probe_lr, batch_size=batch_size,
+                                weight_decay=weight_decay, label_smoothing=label_smoothing, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     fit_loader = torch.utils.data.DataLoader(fit, batch_size=batch_size, shuffle=True, generator=gen,
                                              num_workers=num_workers, drop_last=len(fit) > batch_size)
@@ -152,6 +225,13 @@ def finetune(
     total, warmup = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     history, best_state, best = [], None, None
+    if probe_epochs > 0:
+        metrics = _evaluate(model, val_loader, acc)
+        history.append({"epoch": 0, "train_loss": probe_losses[-1], **{f"val_{k}": v for k, v in metrics.items()}})
+        log(f"head on the frozen encoder ({probe_epochs} epochs): loss {probe_losses[-1]:.4f}, "
+            f"val top-1 {100 * metrics['top1']:.2f} %")
+        best = {"epoch": 0, "val": metrics}
+        best_state = copy.deepcopy({k: v.detach().cpu() for k, v in acc.unwrap_model(model).state_dict().items()})
     step = 0
     for epoch in range(epochs):
         model.train()
@@ -178,4 +258,6 @@ def finetune(
     # the one look at the test split
     test_metrics = None if test_loader is None else _evaluate(model, test_loader, acc)
     return {"best_epoch": best["epoch"], "val": best["val"], "test": test_metrics, "history": history,
+            "probe_epochs": int(probe_epochs), "probe_lr": float(probe_lr) if probe_epochs > 0 else None,
+            "probe_losses": probe_losses,
             "n_fit": len(fit), "n_val": len(val), "n_test": 0 if test is None else len(test)}
