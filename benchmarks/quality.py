@@ -27,7 +27,9 @@ weighted kNN top-1 (k=20, T=0.07), the linear probe of ``tools/eval_linear.py`` 
 validation split carved from train), label efficiency (linear probe on 10 and 100 labels per
 class drawn from the fit part, 3 draws, chosen on the same validation split), and an optional
 short fine-tune (``--finetune-epochs``; ``--finetune-augment recipe`` trains it on the recipe's
-pretraining views, the augmentation the supervised row trains on, instead of flips only). ``--linear-lrs`` / ``--linear-epochs`` replace the linear
+pretraining views, the augmentation the supervised row trains on, instead of flips only;
+``--finetune-lr``, and ``--finetune-probe-epochs`` for LP-FT: the head fitted on the frozen encoder
+first). ``--linear-lrs`` / ``--linear-epochs`` replace the linear
 probe's grid (60,000 x 6,272 flat features need fewer epochs for the same number of updates,
 and the default 18-point grid takes most of an hour there). Time to accuracy
 (``--monitor-every E``): each pretraining row runs the validation kNN monitor every E epochs, and
@@ -114,6 +116,10 @@ def parse_args(argv=None):
     p.add_argument("--finetune-augment", choices=["flip", "recipe"], default="flip",
                    help="the fine-tune's training views: horizontal flips, or the recipe's pretraining "
                         "augmentation, as the supervised row [flip]")
+    p.add_argument("--finetune-lr", type=float, default=1e-3, help="peak lr of the fine-tune [1e-3]")
+    p.add_argument("--finetune-probe-epochs", type=int, default=0, metavar="N",
+                   help="LP-FT: fit the head alone on the frozen encoder for N epochs before the fine-tune "
+                        "(scored on validation as epoch 0, a candidate like the others) [0 = off]")
     p.add_argument("--supervised-epochs", type=int, default=None, metavar="N",
                    help="epochs of the supervised row instead of the ones ours' wall budget buys on this "
                         "machine (to rerun a recorded table's supervised row elsewhere with the epochs it got)")
@@ -195,7 +201,8 @@ def legacy_request(record: dict) -> dict:
 
 
 # what a record made before a request key existed was made with
-REQUEST_DEFAULTS = {"finetune_augment": "flip", "whiten_dims": None}
+REQUEST_DEFAULTS = {"finetune_augment": "flip", "whiten_dims": None, "finetune_lr": 1e-3, "finetune_probe_epochs": 0}
+FINETUNE_KEYS = ("finetune_augment", "finetune_lr", "finetune_probe_epochs")  # what only a fine-tune depends on
 
 
 def request_mismatch(record: dict, request: dict) -> str | None:
@@ -208,7 +215,7 @@ def request_mismatch(record: dict, request: dict) -> str | None:
     for key, want in request.items():
         if key not in made:
             continue
-        if key == "finetune_augment" and not request.get("finetune_epochs"):
+        if key in FINETUNE_KEYS and not request.get("finetune_epochs"):
             continue
         have = made[key]
         if key == "label_counts":
@@ -247,13 +254,14 @@ def eval_request(args) -> dict:
     return {"label_counts": sorted(args.label_counts), "draws": args.draws,
             "whiten_dims": sorted(set(args.whiten_dims)) if args.whiten_dims else None,
             "linear_grid": linear_grid_of(args) or "default", "finetune_epochs": args.finetune_epochs,
-            "finetune_augment": args.finetune_augment}
+            "finetune_augment": args.finetune_augment, "finetune_lr": args.finetune_lr,
+            "finetune_probe_epochs": args.finetune_probe_epochs}
 
 
 def floor_request(args, overrides: list[str]) -> dict:
     """A floor row's request: the probes' settings, never a fine-tune (floors are not fine-tuned)."""
     return {"overrides": overrides,
-            **{k: v for k, v in eval_request(args).items() if k not in ("finetune_epochs", "finetune_augment")}}
+            **{k: v for k, v in eval_request(args).items() if k != "finetune_epochs" and k not in FINETUNE_KEYS}}
 
 
 def supervised_request(args) -> dict:
@@ -383,9 +391,11 @@ def evaluate_features(args, train, test, seed: int) -> dict:
     return out
 
 
-def finetune_encoder(encoder, recipe: dict, epochs: int, seed: int, augment: str = "flip") -> dict:
+def finetune_encoder(encoder, recipe: dict, epochs: int, seed: int, augment: str = "flip", lr: float = 1e-3,
+                     probe_epochs: int = 0) -> dict:
     """Fine-tune ``encoder`` on the fit part; ``augment`` "recipe" trains on the recipe's
-    pretraining views (``AugmentedLabels``, as the supervised row), "flip" on flipped images."""
+    pretraining views (``AugmentedLabels``, as the supervised row), "flip" on flipped images;
+    ``probe_epochs`` > 0 fits the head on the frozen encoder first (LP-FT)."""
     from scott.data.datasets import split_train_val
     from scott.eval.features import EvalView, encoder_in_chans, resolve_transform
     from scott.eval.finetune import FinetuneClassifier, finetune, seeded_init
@@ -402,9 +412,11 @@ def finetune_encoder(encoder, recipe: dict, epochs: int, seed: int, augment: str
     val = view(torch.utils.data.Subset(train, val_idx.tolist()))
     with seeded_init(seed):
         model = FinetuneClassifier(encoder.train(), int(labels.max()) + 1)
-    res = finetune(model, fit, val, view(test), epochs=epochs, seed=seed, log=lambda s: None)
+    res = finetune(model, fit, val, view(test), epochs=epochs, lr=lr, seed=seed, log=lambda s: None,
+                   probe_epochs=probe_epochs)
     return {"finetune": res["test"]["top1"], "finetune_val": res["val"]["top1"], "finetune_epochs": epochs,
-            "finetune_augment": augment}
+            "finetune_augment": augment, "finetune_lr": lr, "finetune_probe_epochs": probe_epochs,
+            "finetune_best_epoch": res["best_epoch"]}
 
 
 def eval_record_name(encoder: str) -> str:
@@ -426,7 +438,8 @@ def evaluate_pretrained(args, row: str, seed: int, out: Path, log) -> dict:
     train, test = feature_sets(encoder, recipe)
     result = {"encoder": args.encoder, "request": request, **evaluate_features(args, train, test, seed)}
     if args.finetune_epochs:
-        result.update(finetune_encoder(encoder, recipe, args.finetune_epochs, seed, args.finetune_augment))
+        result.update(finetune_encoder(encoder, recipe, args.finetune_epochs, seed, args.finetune_augment,
+                                       args.finetune_lr, args.finetune_probe_epochs))
     result_file.write_text(json.dumps(result, indent=1))
     return result
 
@@ -626,9 +639,10 @@ def main(argv=None):
     apply_malloc_choice(args)
     if args.seeds < 1 or args.first_seed < 0 or args.draws < 1 or (args.steps is not None and args.steps < 1) or \
             (args.budget_minutes is not None and args.budget_minutes <= 0) or \
-            (args.supervised_epochs is not None and args.supervised_epochs < 1):
-        raise RecipeError("need --seeds >= 1, --first-seed >= 0, --draws >= 1, a positive --steps or --budget-minutes "
-                          "and --supervised-epochs >= 1 when given")
+            (args.supervised_epochs is not None and args.supervised_epochs < 1) or \
+            args.finetune_lr <= 0 or args.finetune_probe_epochs < 0:
+        raise RecipeError("need --seeds >= 1, --first-seed >= 0, --draws >= 1, a positive --steps or --budget-minutes, "
+                          "--supervised-epochs >= 1 when given, --finetune-lr > 0 and --finetune-probe-epochs >= 0")
     base = load_recipe(args.recipe, row_overrides(args, "ours", 0))  # fails early, one line, exit 2
     args.encoder = args.encoder or base["train"]["export_encoder"]  # the encoder the recipe exports
     check_label_counts(args, base)

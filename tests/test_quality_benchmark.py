@@ -362,7 +362,7 @@ def test_finetune_encoder_recipe_augment_trains_on_the_recipes_views(monkeypatch
 
     def fake(model, fit, val, test, **kw):
         seen.append((fit, val))
-        return {"test": {"top1": 0.5}, "val": {"top1": 0.6}}
+        return {"test": {"top1": 0.5}, "val": {"top1": 0.6}, "best_epoch": 2}
 
     monkeypatch.setattr(ft, "finetune", fake)
     for augment in ("recipe", "flip"):
@@ -375,3 +375,41 @@ def test_finetune_encoder_recipe_augment_trains_on_the_recipes_views(monkeypatch
     from scott.eval.supervised import training_views
     with pytest.raises(ValueError, match="augment"):
         training_views(views.dataset, recipe, lambda ds: ds, "crops")
+
+
+def test_the_fine_tunes_lr_and_head_stage_reach_it_and_are_part_of_what_a_record_answers(monkeypatch):
+    """--finetune-lr / --finetune-probe-epochs (LP-FT) go to the fine-tune; a record made with
+    other values, or before the keys (lr 1e-3, no head stage), is told apart; floors never carry them."""
+    import scott.eval.finetune as ft
+    from scott.models import build_encoder
+
+    recipe = load_recipe(ROOT / "recipes" / "demo.yaml", TINY_SETS)
+    seen = {}
+
+    def fake(model, fit, val, test, **kw):
+        seen.update(kw)
+        return {"test": {"top1": 0.5}, "val": {"top1": 0.6}, "best_epoch": 0}
+
+    monkeypatch.setattr(ft, "finetune", fake)
+    out = quality.finetune_encoder(build_encoder(recipe["model"]), recipe, 2, 0, "flip", lr=3e-4, probe_epochs=50)
+    assert (seen["lr"], seen["probe_epochs"]) == (3e-4, 50)
+    assert (out["finetune_lr"], out["finetune_probe_epochs"], out["finetune_best_epoch"]) == (3e-4, 50, 0)
+
+    plain = quality.parse_args(["recipes/demo.yaml", "--steps", "1", "--finetune-epochs", "3"])
+    lpft = quality.parse_args(["recipes/demo.yaml", "--steps", "1", "--finetune-epochs", "3",
+                               "--finetune-lr", "3e-4", "--finetune-probe-epochs", "50"])
+    old = {"knn": 0.8, "request": {"finetune_epochs": 3, "finetune_augment": "flip"}}  # before the keys
+    assert quality.request_mismatch(old, quality.eval_request(plain)) is None
+    why = quality.request_mismatch(old, quality.eval_request(lpft))
+    assert "finetune_lr 0.001" in why or "finetune_probe_epochs 0" in why
+    made = {"knn": 0.8, "request": quality.eval_request(lpft)}
+    assert quality.request_mismatch(made, quality.eval_request(lpft)) is None
+    assert "finetune_lr" in quality.request_mismatch(made, quality.eval_request(plain))
+    no_ft = quality.parse_args(["recipes/demo.yaml", "--steps", "1", "--finetune-lr", "3e-4"])
+    assert quality.request_mismatch(made, quality.eval_request(no_ft)) is None
+    assert not {"finetune_lr", "finetune_probe_epochs"} & set(quality.floor_request(lpft, []))
+    from scott.config import RecipeError
+
+    for bad in (["--finetune-probe-epochs", "-1"], ["--finetune-lr", "0"]):
+        with pytest.raises(RecipeError, match="--finetune-probe-epochs >= 0"):  # run_cli: one line, exit 2
+            quality.main([str(ROOT / "recipes" / "demo.yaml"), "--steps", "1", *bad])
