@@ -137,21 +137,22 @@ def fit_head(model: ScottViT, features: torch.Tensor, labels: torch.Tensor, epoc
     """Train ``model.fc_norm`` and ``model.head`` alone on frozen pooled ``features`` (LP-FT's
     linear-probe stage, Kumar et al. 2022: a head fitted before the encoder moves, so the first
     fine-tuning steps do not spend the pretrained features on a random head). AdamW at ``lr``
-    with a cosine decay to 0, the fine-tune's loss; the batches are shuffled by ``seed``.
+    with a cosine decay to 0 (weight decay by the project's rule: not on 1-D parameters), the
+    fine-tune's loss; the batches are shuffled by ``seed``.
     Returns the mean training loss of each epoch. The encoder is not touched."""
     if epochs < 1:
         raise ValueError(f"fit_head needs epochs >= 1, got {epochs}")
-    params = list(model.fc_norm.parameters()) + list(model.head.parameters())
-    device = params[0].device
+    device = model.head.weight.device
     x, y = features.to(device), labels.to(device)
-    optimizer = adamw(params, lr=lr, weight_decay=weight_decay)
+    groups = _param_groups({"fc_norm": model.fc_norm, "head": model.head}, weight_decay)  # the one decay rule
+    optimizer = adamw(groups, lr=lr)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     gen = torch.Generator().manual_seed(int(seed))
     n = x.shape[0]
     per_epoch = max(1, -(-n // batch_size))
     total, step, losses = epochs * per_epoch, 0, []
-    model.fc_norm.train()
-    model.head.train()
+    for part in (model.fc_norm, model.head_drop, model.head):
+        part.train()
     for _ in range(epochs):
         order = torch.randperm(n, generator=gen).to(device)
         running = 0.0
@@ -159,7 +160,7 @@ def fit_head(model: ScottViT, features: torch.Tensor, labels: torch.Tensor, epoc
             idx = order[start:start + batch_size]
             for group in optimizer.param_groups:
                 group["lr"] = warmup_cosine(step, total, lr)
-            loss = loss_fn(model.head(model.fc_norm(x[idx])), y[idx])
+            loss = loss_fn(model.head(model.head_drop(model.fc_norm(x[idx]))), y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
