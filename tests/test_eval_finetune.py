@@ -76,11 +76,11 @@ def _squares(n_per_class: int, classes: int = 3, seed: int = 0):
     return items
 
 
-def _model(seed: int = 0, classes: int = 3):
+def _model(seed: int = 0, classes: int = 3, fc_norm: bool = True):
     from scott.eval.finetune import seeded_init
 
     with seeded_init(seed):
-        return FinetuneClassifier(build_encoder({**TINY, "global_pool": "flat"}), num_classes=classes)
+        return FinetuneClassifier(build_encoder({**TINY, "global_pool": "flat"}), num_classes=classes, fc_norm=fc_norm)
 
 
 def test_pooled_features_are_what_fc_norm_receives_in_order_and_keep_the_mode():
@@ -135,3 +135,37 @@ def test_finetune_with_a_head_stage_scores_it_as_epoch_zero_and_keeps_it_when_tu
     assert all(torch.equal(v, encoder_before[k]) for k, v in model.encoder.state_dict().items())
     plain = finetune(_model(), fit, val, None, epochs=1, lr=1e-3, batch_size=12, log=lambda s: None)
     assert [h["epoch"] for h in plain["history"]] == [1] and plain["probe_losses"] == []
+
+
+def test_fold_standardisation_gives_the_same_outputs_on_raw_features():
+    from scott.eval.finetune import fold_standardisation
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(6, 3)
+    x = 5 + 3 * torch.randn(10, 6)
+    mean, std = x.mean(0), x.std(0)
+    expect = linear((x - mean) / std)
+    fold_standardisation(linear, mean, std)
+    assert torch.allclose(linear(x), expect, atol=1e-5)
+
+
+def test_fit_head_without_fc_norm_fits_standardised_features_and_folds_them_into_the_head():
+    """fc_norm=False: the head stage fits the head on per-dimension standardised features (the
+    linear probe's view) and leaves a head on raw features that computes the same function; the
+    same training on pre-standardised inputs gives the same unfolded head."""
+    from scott.eval.finetune import fit_head, pooled_features
+
+    model = _model(fc_norm=False)
+    assert isinstance(model.fc_norm, torch.nn.Identity)
+    feats, labels = pooled_features(model, _squares(10), batch_size=8)
+    feats = feats * torch.linspace(0.01, 100, feats.shape[1])  # badly scaled dimensions
+    losses = fit_head(model, feats, labels, epochs=20, lr=3e-3, batch_size=8, seed=0)
+    with torch.no_grad():
+        assert (model.head(feats).argmax(1) == labels).all()
+    reference = _model(fc_norm=False)
+    mean, std = feats.mean(0), feats.std(0, unbiased=False)
+    standard = (feats - mean) / std
+    ref_losses = fit_head(reference, standard, labels, epochs=20, lr=3e-3, batch_size=8, seed=0)
+    assert ref_losses == pytest.approx(losses, rel=1e-4)  # standardising again is the identity
+    with torch.no_grad():
+        assert torch.allclose(model.head(feats), reference.head(standard), atol=1e-3)

@@ -303,5 +303,10 @@ def test_finetune_probe_epochs_fits_the_head_first_and_records_it(run_dir, tmp_p
     assert [h["epoch"] for h in rec["history"]] == [0, 1] and len(rec["probe_losses"]) == 3
     assert rec["hyperparameters"]["probe_epochs"] == 3 and rec["hyperparameters"]["probe_lr"] == 2e-3
     assert rec["best_epoch"] in (0, 1)
+    assert rec["hyperparameters"]["fc_norm"] is True
+    out = tmp_path / "lpft_raw.json"
+    assert exit_code(ft, [str(run_dir), "--limit-train", "60", "--epochs", "1", "--batch-size", "16",
+                          "--val-only", "--probe-epochs", "3", "--no-fc-norm", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["hyperparameters"]["fc_norm"] is False
     assert exit_code(ft, [str(run_dir), "--probe-epochs", "-1"]) == 2
     assert exit_code(ft, [str(run_dir), "--probe-epochs", "2", "--probe-lr", "0"]) == 2

@@ -52,6 +52,10 @@ def parse_args(argv=None):
                              "encoder's features (scored on validation as epoch 0, a candidate like "
                              "the fine-tuning epochs), then fine-tune everything [0 = off]")
     parser.add_argument("--probe-lr", type=float, default=1e-3, help="AdamW lr of the head stage [1e-3]")
+    parser.add_argument("--no-fc-norm", action="store_true",
+                        help="the head reads the pooled features directly (timm's fc_norm=False) instead "
+                             "of through a LayerNorm; with --probe-epochs the head stage fits it on features "
+                             "standardised per dimension, as the linear probe does, and folds that into it")
     parser.add_argument("--no-flip", action="store_true", help="no random horizontal flips in training")
     parser.add_argument("--augment", choices=["flip", "recipe"], default="flip",
                         help="training views: random horizontal flips (unless --no-flip), or the "
@@ -110,7 +114,7 @@ def main(argv=None):
     num_classes = int(dataset_labels(train).max()) + 1
     # The timm model (timm.create_model("scott_vit_*") builds the same class), pooled as --pool says.
     with seeded_init(args.seed):  # the head's init depends on --seed alone
-        model = ScottViT.from_encoder(encoder, num_classes, global_pool=args.pool)
+        model = ScottViT.from_encoder(encoder, num_classes, global_pool=args.pool, fc_norm=not args.no_fc_norm)
     result = finetune(model, fit, val, None if test is None else view(test), epochs=args.epochs,
                       lr=args.lr, min_lr=args.min_lr,
                       warmup_epochs=args.warmup_epochs, batch_size=args.batch_size,
@@ -139,6 +143,7 @@ def main(argv=None):
         {"hyperparameters": {**{k: getattr(args, k) for k in (
             "epochs", "lr", "min_lr", "warmup_epochs", "weight_decay", "layer_decay", "label_smoothing",
             "batch_size", "no_flip", "augment", "mixed_precision", "probe_epochs", "probe_lr")},
+            "fc_norm": model.use_fc_norm,
             "pool": model.global_pool},
          "num_processes": acc.num_processes, "limit_train": args.limit_train, "limit_test": args.limit_test},
     )

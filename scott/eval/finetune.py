@@ -18,6 +18,7 @@ Public API:
     pooled_features(model, dataset, batch_size)   the frozen model's pooled features, labels
     fit_head(model, features, labels, ...)        train fc_norm + head on frozen features
                                                   (the "LP" of LP-FT) -> per-epoch losses
+    fold_standardisation(linear, mean, std)       linear(x) := linear((x - mean) / std)
     finetune(model, fit, val, test, ...)          -> dict of results (``probe_epochs``: LP-FT)
 """
 
@@ -38,7 +39,7 @@ from scott.optim_groups import param_groups as _param_groups
 from scott.schedules import warmup_cosine
 
 __all__ = ["FinetuneClassifier", "encoder_layer_id", "param_groups", "seeded_init", "FlipView", "pooled_features",
-           "fit_head", "finetune"]
+           "fold_standardisation", "fit_head", "finetune"]
 
 
 class FinetuneClassifier(ScottViT):
@@ -49,8 +50,8 @@ class FinetuneClassifier(ScottViT):
     (the recipe's ``model.global_pool``, what the probes read): on the demo's 28 px images the
     flat head fine-tunes 3-5 validation points above the average-pooled one (docs/results.md)."""
 
-    def __init__(self, encoder: nn.Module, num_classes: int, global_pool: str | None = None):
-        super().__init__(num_classes=num_classes, global_pool=global_pool, encoder=encoder)
+    def __init__(self, encoder: nn.Module, num_classes: int, global_pool: str | None = None, fc_norm: bool = True):
+        super().__init__(num_classes=num_classes, global_pool=global_pool, encoder=encoder, fc_norm=fc_norm)
 
 
 def encoder_layer_id(name: str, depth: int) -> int:
@@ -131,6 +132,14 @@ def pooled_features(model: ScottViT, dataset, batch_size: int = 256, device=None
     return torch.cat(feats), torch.cat(labels)
 
 
+@torch.no_grad()
+def fold_standardisation(linear: nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Rewrite ``linear`` in place so that ``linear(x)`` equals its old ``linear((x - mean) / std)``."""
+    w = linear.weight / std
+    linear.bias.sub_(w @ mean)
+    linear.weight.copy_(w)
+
+
 def fit_head(model: ScottViT, features: torch.Tensor, labels: torch.Tensor, epochs: int, lr: float,
              batch_size: int = 64, weight_decay: float = 0.05, label_smoothing: float = 0.1,
              seed: int = 0) -> list[float]:
@@ -139,11 +148,20 @@ def fit_head(model: ScottViT, features: torch.Tensor, labels: torch.Tensor, epoc
     fine-tuning steps do not spend the pretrained features on a random head). AdamW at ``lr``
     with a cosine decay to 0 (weight decay by the project's rule: not on 1-D parameters), the
     fine-tune's loss; the batches are shuffled by ``seed``.
+
+    A model without ``fc_norm`` (``fc_norm=False``: the head reads the pooled features) is fitted
+    as the linear probe is: on the features standardised per dimension (mean and standard
+    deviation of ``features``), and the standardisation is then folded into the head
+    (:func:`fold_standardisation`), so the model computes the same function on raw features.
     Returns the mean training loss of each epoch. The encoder is not touched."""
     if epochs < 1:
         raise ValueError(f"fit_head needs epochs >= 1, got {epochs}")
     device = model.head.weight.device
-    x, y = features.to(device), labels.to(device)
+    x, y = features.to(device).float(), labels.to(device)
+    standardise = isinstance(model.fc_norm, nn.Identity)
+    if standardise:
+        mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
+        x = (x - mean) / std
     groups = _param_groups({"fc_norm": model.fc_norm, "head": model.head}, weight_decay)  # the one decay rule
     optimizer = adamw(groups, lr=lr)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
@@ -167,6 +185,8 @@ def fit_head(model: ScottViT, features: torch.Tensor, labels: torch.Tensor, epoc
             running += float(loss.detach()) * len(idx)
             step += 1
         losses.append(running / n)
+    if standardise:
+        fold_standardisation(model.head, mean, std)
     return losses
 
 
