@@ -3,7 +3,7 @@
 
     python tools/finetune.py runs/demo --epochs 10 --lr 1e-3 --layer-decay 0.75
     python tools/finetune.py --random-init recipes/demo.yaml --epochs 10     # supervised from scratch
-    python tools/finetune.py runs/demo --probe-epochs 100 --lr 5e-4          # LP-FT: the head first
+    python tools/finetune.py runs/demo --probe-epochs 100 --lr 3e-4          # LP-FT: the head first
     accelerate launch --num_processes 2 tools/finetune.py runs/demo          # several GPUs
 
 A validation split is carved from the labelled train split (data.val_fraction, stratified,
