@@ -114,10 +114,11 @@ def _evaluate(model: nn.Module, loader, accelerator) -> dict:
 
 
 @torch.no_grad()
-def pooled_features(model: ScottViT, dataset, batch_size: int = 256, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def pooled_features(model: ScottViT, dataset, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """``(features [N, F], labels [N])``: ``model``'s pooled tokens (what ``fc_norm`` receives)
-    of every item of ``dataset`` in order, the model in eval mode; its train/eval state is kept."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    of every item of ``dataset`` in order, on the model's device, the model in eval mode; its
+    train/eval state is kept. Features come back on the CPU."""
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     feats, labels = [], []
